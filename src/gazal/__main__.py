@@ -1,0 +1,5 @@
+import sys
+
+from gazal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""PEFT adapters: the recipe's DoRA/rsLoRA settings, a check of what training changed, and saving."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from gazal.config import LoraSettings
+
+log = logging.getLogger(__name__)
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    """PEFT LoraConfig from the recipe (DoRA and rsLoRA are PEFT flags, not Gazal code)."""
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
+    )
+
+
+class ParamSnapshot:
+    """Remembers trainable tensors exactly and frozen tensors by checksum, to prove what changed.
+
+    Checksums (float64 sum and sum of squares) keep this cheap for large frozen bases.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.frozen = {n: self._checksum(p) for n, p in model.named_parameters() if not p.requires_grad}
+
+    @staticmethod
+    def _checksum(p: torch.Tensor) -> tuple[float, float]:
+        x = p.detach().to(torch.float64)
+        return float(x.sum()), float((x * x).sum())
+
+    def compare(self, model: torch.nn.Module) -> dict[str, int]:
+        """Counts of trainable tensors that changed and frozen tensors that changed (should be 0)."""
+        params = dict(model.named_parameters())
+        changed = sum(not torch.equal(params[n].detach(), before) for n, before in self.trainable.items())
+        frozen_changed = sum(self._checksum(params[n]) != before for n, before in self.frozen.items())
+        return {
+            "trainable_tensors": len(self.trainable),
+            "trainable_tensors_changed": changed,
+            "trainable_parameters": sum(t.numel() for t in self.trainable.values()),
+            "frozen_tensors": len(self.frozen),
+            "frozen_tensors_changed": frozen_changed,
+        }
+
+
+def save_adapter_and_merged(model, tokenizer, folder: Path) -> None:
+    """Save the adapter to folder/adapter and the merged model to folder/merged."""
+    model.save_pretrained(folder / "adapter")
+    tokenizer.save_pretrained(folder / "adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(folder / "merged")
+    tokenizer.save_pretrained(folder / "merged")
+    log.info("saved adapter and merged model under %s", folder)

@@ -1,0 +1,107 @@
+"""The `gazal` command. The only module that prints; everything else logs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from gazal.errors import GazalError
+
+STAGE_HELP = {
+    "run": "run every enabled stage of a recipe (SFT -> GRPO -> eval -> report); resumes an unfinished --run-dir",
+    "sft": "stage 1: supervised fine-tuning with DoRA + rsLoRA",
+    "grpo": "stage 2: GRPO with the recipe's multi-component reward",
+    "eval": "evaluate the run's newest model on MedQA, MMLU-Pro medical and PubMedQA",
+    "report": "write report.md from a run directory",
+    "validate": "check a recipe (types, unknown keys, files) without running it",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gazal", description="Train and evaluate medical reasoning models the Gazal-R1 way.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", "-c", default=None if name == "report" else "demo", metavar="RECIPE",
+                       help="a recipe YAML path or a shipped recipe name such as 'demo' (default: demo)")
+        if name != "validate":
+            p.add_argument("--run-dir", type=Path, default=None,
+                           help="run directory to use (default: a new one; for report: the recipe's newest)")
+        else:
+            p.add_argument("--explain", action="store_true", help="list every recipe key with its documentation")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. sft.learning_rate=1e-4")
+    return parser
+
+
+def _run_stage(name: str, recipe, run_dir: Path) -> None:
+    # Imported here: `gazal validate` and `gazal --help` stay fast without loading torch/TRL.
+    if name == "sft":
+        from gazal import sft as stage
+    elif name == "grpo":
+        from gazal import grpo as stage
+    else:
+        from gazal import evaluate as stage
+    start = time.time()
+    print(f"==> {name}", flush=True)
+    stage.main(recipe, run_dir)
+    print(f"<== {name} finished in {time.time() - start:.0f}s", flush=True)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from gazal import config, rundir
+
+    if args.command == "report":
+        from gazal import report
+
+        run_dir = args.run_dir
+        if run_dir is None:
+            run_dir = rundir.latest_run_dir(config.load_recipe(args.config or "demo", args.overrides))
+        path = report.main(run_dir)
+        print(path.read_text(encoding="utf-8"))
+        return 0
+
+    recipe = config.load_recipe(args.config, args.overrides)
+    if args.command == "validate":
+        if args.explain:
+            print("\n".join(config.explain()))
+        print(f"{args.config}: valid recipe '{recipe.name}'")
+        return 0
+
+    run_dir = args.run_dir or rundir.new_run_dir(recipe)
+    rundir.prepare(run_dir, recipe)
+    print(f"run directory: {run_dir}", flush=True)
+    if args.command == "run":
+        for name in rundir.STAGES:
+            if not getattr(recipe, name).enabled:
+                print(f"--- {name}: disabled in the recipe")
+            elif rundir.is_done(run_dir, name):
+                print(f"--- {name}: already finished in {run_dir}, skipping")
+            else:
+                _run_stage(name, recipe, run_dir)
+        from gazal import report
+
+        path = report.main(run_dir)
+        print(path.read_text(encoding="utf-8"))
+    else:
+        _run_stage(args.command, recipe, run_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `gazal` command."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("GAZAL_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _dispatch(args)
+    except GazalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""The recipe: one typed, documented YAML file that drives every stage.
+
+Each field's docstring is its documentation (`gazal validate --explain` prints them). Unknown keys
+and bad values are rejected with the full dotted key, the file and line, and the reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gazal.errors import GazalError
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class LoraSettings(_Section):
+    """PEFT adapter settings (Gazal-R1 uses DoRA with rank-stabilised scaling)."""
+
+    r: int = Field(16, gt=0)
+    """Adapter rank."""
+    alpha: float = Field(32.0, gt=0)
+    """Scaling numerator; with rsLoRA the scale is alpha / sqrt(r) instead of alpha / r."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or 'all-linear' for every linear layer except the output head."""
+    use_dora: bool = True
+    """Weight-decomposed low-rank adaptation (DoRA): learn a magnitude vector per output feature."""
+    use_rslora: bool = True
+    """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
+
+
+class ModelSettings(_Section):
+    """Which base model to start from."""
+
+    name_or_path: str = "gazal:smollm2-135m-instruct"
+    """A Hugging Face model id, a local directory, or a model Gazal provides offline:
+    'gazal:smollm2-135m-instruct' (embedded GGUF, converted once to safetensors) or
+    'gazal:tiny-qwen3' (a 2-layer Qwen3 built locally, for tests)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin when loading from the hub."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for training and generation."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub to run."""
+
+
+class TaskSettings(_Section):
+    """How questions are put to the model; shared by GRPO and evaluation so they cannot drift."""
+
+    system_prompt: str | None = None
+    """System message placed before every question (None: the chat template's default)."""
+    mcq_instruction: str = (
+        "Think through the problem step by step inside <think> and </think>. "
+        "Then give the final answer on its own line as 'The answer is X', where X is the option letter."
+    )
+    """Instruction appended after a multiple-choice question and its lettered options."""
+    yesno_instruction: str = (
+        "Think through the problem step by step inside <think> and </think>. "
+        "Then give the final answer on its own line as 'The answer is yes', 'The answer is no' "
+        "or 'The answer is maybe'."
+    )
+    """Instruction appended after a yes/no/maybe question (PubMedQA)."""
+
+
+class DataSettings(_Section):
+    """Training data. 'seed:sft' and 'seed:grpo' are the examples bundled with Gazal."""
+
+    sft: str = "seed:sft"
+    """SFT examples: a JSONL file of {case, reasoning, answer} rows, or 'seed:sft'."""
+    grpo: str = "seed:grpo"
+    """GRPO questions: a JSONL file of {question, options, answer} rows, or 'seed:grpo'."""
+    sft_limit: int | None = Field(None, gt=0)
+    """Use at most this many SFT examples (None: all)."""
+    grpo_limit: int | None = Field(None, gt=0)
+    """Use at most this many GRPO questions (None: all)."""
+
+
+class SFTSettings(_Section):
+    """Stage 1: supervised fine-tuning on structured clinical reasoning (TRL SFTTrainer)."""
+
+    enabled: bool = True
+    """Run this stage in `gazal run`."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    num_train_epochs: float = Field(1.0, gt=0)
+    """Passes over the data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: use num_train_epochs)."""
+    per_device_train_batch_size: int = Field(4, gt=0)
+    """Examples per device per forward pass."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Forward passes per optimizer step."""
+    max_length: int = Field(1024, gt=0)
+    """Longest example in tokens."""
+    warmup_steps: float = Field(0.0, ge=0)
+    """Learning-rate warmup: a whole number of steps, or a fraction of all steps if below 1."""
+    lr_scheduler_type: str = "cosine"
+    """transformers scheduler name (cosine, linear, constant, ...)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    bf16: bool = False
+    """Mixed precision in bfloat16 (GPUs)."""
+    logging_steps: int = Field(1, gt=0)
+    """Log metrics every this many steps."""
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    """The adapter trained in this stage."""
+
+
+class RewardSpec(_Section):
+    """One reward component: its registered name, its weight and its own parameters."""
+
+    name: str
+    """A name from gazal.rewards.REWARDS, or a dotted path 'package.module:function'."""
+    weight: float = 1.0
+    """Weight of this component in the total reward."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword parameters for the reward factory."""
+
+
+class GRPOSettings(_Section):
+    """Stage 2: GRPO with a multi-component reward (TRL GRPOTrainer)."""
+
+    enabled: bool = True
+    """Run this stage in `gazal run`."""
+    learning_rate: float = Field(1e-5, gt=0)
+    """Peak learning rate."""
+    max_steps: int = Field(10, gt=0)
+    """Optimizer steps."""
+    per_device_train_batch_size: int = Field(4, gt=0)
+    """Completions per device per step; must be a multiple of num_generations."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Forward passes per optimizer step."""
+    num_generations: int = Field(4, ge=2)
+    """Completions sampled per question (the GRPO group)."""
+    max_completion_length: int = Field(256, gt=0)
+    """Longest completion in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature for rollouts."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling for rollouts."""
+    beta: float = Field(0.0, ge=0)
+    """KL weight; 0 loads no reference model."""
+    epsilon: float = Field(0.2, gt=0)
+    """Lower clipping range."""
+    epsilon_high: float | None = None
+    """Upper clipping range (DAPO clip-higher); None: same as epsilon."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """How token losses are normalised."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the reward std of the group, the batch, or not at all."""
+    mask_truncated_completions: bool = False
+    """Exclude completions cut at max_completion_length from the loss."""
+    num_iterations: int = Field(1, gt=0)
+    """Optimisation passes per generated batch."""
+    bf16: bool = False
+    """Mixed precision in bfloat16 (GPUs)."""
+    logging_steps: int = Field(1, gt=0)
+    """Log metrics every this many steps."""
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    """The adapter trained in this stage, on top of the merged SFT model."""
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.5)]
+    )
+    """Reward components and their weights."""
+
+
+BenchmarkName = Literal["medqa", "mmlu_pro", "pubmedqa"]
+
+
+class EvalSettings(_Section):
+    """Evaluation on the medical benchmarks."""
+
+    enabled: bool = True
+    """Run this stage in `gazal run`."""
+    benchmarks: list[BenchmarkName] = Field(default_factory=lambda: ["medqa", "mmlu_pro", "pubmedqa"])
+    """Benchmarks to evaluate."""
+    limit: int | None = Field(None, gt=0)
+    """Evaluate only the first N items of each benchmark (None: all)."""
+    benchmarks_dir: str | None = None
+    """Directory of local benchmark JSONL files; None: $GAZAL_BENCHMARKS_DIR, else the hub."""
+    mmlu_pro_categories: list[str] = Field(default_factory=lambda: ["health"])
+    """MMLU-Pro categories that make up 'MMLU-Pro medical'."""
+    max_new_tokens: int = Field(512, gt=0)
+    """Longest generation per item."""
+    batch_size: int = Field(8, gt=0)
+    """Items generated together."""
+    temperature: float = Field(0.0, ge=0)
+    """0 is greedy decoding."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling when temperature > 0."""
+
+
+class Recipe(_Section):
+    """A whole Gazal run: model, data, SFT, GRPO and evaluation."""
+
+    name: str = "gazal"
+    """Run name; the run directory is <output_dir>/<name>-<timestamp>."""
+    seed: int = 42
+    """Seed for data order, adapter initialisation and sampling."""
+    output_dir: str = "runs"
+    """Where run directories are created."""
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    task: TaskSettings = Field(default_factory=TaskSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    sft: SFTSettings = Field(default_factory=SFTSettings)
+    grpo: GRPOSettings = Field(default_factory=GRPOSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Names of the recipes shipped inside the package, mapped to their files."""
+    folder = resources.files("gazal") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a shipped recipe such as 'demo'."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise GazalError(f"{name_or_path}: recipe file not found")
+        return path
+    shipped = shipped_recipes()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise GazalError(
+        f"{name_or_path}: no such recipe file, and not a shipped recipe (shipped: {', '.join(sorted(shipped))})"
+    )
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = path + (str(key.value),)
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                lines[path + (str(i),)] = value.start_mark.line + 1
+                walk(value, path + (str(i),))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one 'dotted.key=value' override; the value is parsed as YAML (1e-4, true, [a, b])."""
+    if "=" not in override:
+        raise GazalError(f"override {override!r}: expected dotted.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise GazalError(f"override {override!r}: value is not valid YAML ({exc})") from None
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise GazalError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise GazalError(f"override {override!r}: {'.'.join(parts[:-1])} is not a section")
+
+
+def _describe(exc: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> str:
+    out = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc)
+        where = f"{source}:{lines[loc]}" if loc in lines else source
+        if err["type"] == "extra_forbidden":
+            model: Any = Recipe
+            for part in loc[:-1]:
+                field = model.model_fields.get(part) if isinstance(model, type) else None
+                ann = field.annotation if field else None
+                model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                if model is None:
+                    break
+            hint = ""
+            if model is not None:
+                close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+                hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else ""
+            out.append(f"{where}: unknown key '{key}'{hint}")
+        else:
+            out.append(f"{where}: {key}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid recipe:\n  " + "\n  ".join(out)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe, applying dotted overrides; raises GazalError naming the key."""
+    path = resolve_recipe_path(name_or_path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise GazalError(f"{where}: broken YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise GazalError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    for override in overrides or []:
+        apply_override(data, override)
+        # An overridden key's problem is on the command line, not on its line in the file.
+        key = tuple(override.split("=", 1)[0].strip().split("."))
+        lines = {k: v for k, v in lines.items() if k[: len(key)] != key}
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise GazalError(_describe(exc, str(path), lines)) from None
+    check_files(recipe, str(path), lines)
+    return recipe
+
+
+def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, ...], int] | None = None) -> None:
+    """Fail early, naming the key, when a recipe points at a local file or folder that is missing."""
+    lines = lines or {}
+
+    def where(*key: str) -> str:
+        return f"{source}:{lines[key]}" if key in lines else source
+
+    for key in ("sft", "grpo"):
+        value = getattr(recipe.data, key)
+        if value.startswith("seed:"):
+            continue
+        looks_local = value.endswith((".jsonl", ".json", ".parquet")) or value.startswith((".", "/", "~"))
+        if looks_local and not Path(value).expanduser().is_file():
+            raise GazalError(f"{where('data', key)}: data.{key}: file not found: {value}")
+    bdir = recipe.eval.benchmarks_dir
+    if bdir is not None and not Path(bdir).expanduser().is_dir():
+        raise GazalError(f"{where('eval', 'benchmarks_dir')}: eval.benchmarks_dir: directory not found: {bdir}")
+    from gazal.rewards import resolve_reward  # late import: rewards imports the answer extractor
+
+    for i, spec in enumerate(recipe.grpo.rewards):
+        try:
+            resolve_reward(spec.name, spec.params)
+        except (GazalError, TypeError, ValueError) as exc:
+            raise GazalError(f"{where('grpo', 'rewards', str(i))}: grpo.rewards.{i} ({spec.name}): {exc}") from None
+    if recipe.grpo.per_device_train_batch_size * recipe.grpo.gradient_accumulation_steps % recipe.grpo.num_generations:
+        raise GazalError(
+            f"{where('grpo', 'num_generations')}: grpo.num_generations ({recipe.grpo.num_generations}) must divide "
+            "grpo.per_device_train_batch_size x grpo.gradient_accumulation_steps"
+        )
+
+
+def explain(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    """One line per recipe key with its type, default and docstring (for `gazal validate --explain`)."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.append(f"{key}: {(ann.__doc__ or '').strip()}")
+            rows.extend(explain(ann, key + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            doc = " ".join((field.description or "").split())
+            rows.append(f"{key} = {default!r}: {doc}")
+    return rows

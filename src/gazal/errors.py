@@ -1,0 +1,12 @@
+"""The one error type users see: bad input, named precisely, exit status 2."""
+
+from __future__ import annotations
+
+
+class GazalError(Exception):
+    """A problem with the user's input (recipe, data file, run directory).
+
+    The CLI prints the message without a traceback and exits with status 2.
+    """
+
+    exit_code = 2

@@ -1,0 +1,91 @@
+"""The report stage: reads a run directory, writes report.md. It never trains or generates."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from gazal import rundir
+from gazal.benchmarks import TITLES
+from gazal.errors import GazalError
+from gazal.monitor import read_metrics
+
+log = logging.getLogger(__name__)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _stage_section(run_dir: Path, stage: str) -> list[str]:
+    folder = run_dir / stage
+    title = {"sft": "SFT (DoRA + rsLoRA)", "grpo": "GRPO"}[stage]
+    if not rundir.is_done(run_dir, stage):
+        return [f"## {title}", "", "Not run (or not finished).", ""]
+    s = rundir.read_json(folder / "summary.json")
+    p = s["parameters"]
+    lines = [f"## {title}", "",
+             f"- started from `{s['base_model']}`",
+             f"- {s.get('examples', s.get('questions'))} training rows, {s['steps']} steps, {s['seconds']} s, "
+             f"mean train loss {s['train_loss']:.4f}",
+             f"- adapter: {p['trainable_parameters']:,} trainable parameters; "
+             f"{p['trainable_tensors_changed']}/{p['trainable_tensors']} adapter tensors changed, "
+             f"{p['frozen_tensors_changed']}/{p['frozen_tensors']} base tensors changed"]
+    rows = read_metrics(folder / "metrics.jsonl")
+    keys = [k for k in ("loss", "reward") if any(k in r for r in rows)]
+    keys += sorted({k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    if rows and keys:
+        lines += ["", "| metric | first | last |", "|---|---|---|"]
+        for k in keys:
+            vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
+            if vals:
+                lines.append(f"| {k} | {vals[0]:.4f} | {vals[-1]:.4f} |")
+    return lines + [""]
+
+
+def _eval_section(run_dir: Path) -> list[str]:
+    if not rundir.is_done(run_dir, "eval"):
+        return ["## Evaluation", "", "Not run (or not finished).", ""]
+    res = rundir.read_json(run_dir / "eval" / "results.json")
+    lines = ["## Evaluation", "", f"Model: `{res['model']}`; decoding: {res['decoding']}", "",
+             "| benchmark | items | accuracy % (95% CI) | Gazal-R1 paper % | no answer % | hedge % | truncated % | mean tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, b in res["benchmarks"].items():
+        title = TITLES.get(name, name)
+        if "skipped" in b:
+            lines.append(f"| {title} | - | skipped | {_pct(b['paper_accuracy'])} | - | - | - | - |")
+            notes.append(f"- {title}: skipped: {b['skipped']}")
+            continue
+        lo, hi = b["ci95"]
+        lines.append(
+            f"| {title} | {b['n']} | {_pct(b['accuracy'])} ({_pct(lo)}-{_pct(hi)}) | {_pct(b['paper_accuracy'])} | "
+            f"{_pct(b['status_rates']['no_answer'])} | {_pct(b['status_rates']['hedge'])} | "
+            f"{_pct(b['truncation_rate'])} | {b['mean_completion_tokens']:.0f} |")
+        notes.append(f"- {title}: {b['definition']}" + (f"; first {b['limit']} items only" if b.get("limit") else ""))
+    lines += ["", *notes, "",
+              "The paper's numbers are Qwen3-32B after the full recipe on the full test sets; a limited run is a smoke "
+              "test, not a comparison.", ""]
+    return lines
+
+
+def main(run_dir: Path) -> Path:
+    """Write run_dir/report.md from what the stages left in the run directory."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise GazalError(f"{run_dir}: not a Gazal run directory (no recipe.yaml)")
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    versions = rundir.read_json(run_dir / "versions.json") if (run_dir / "versions.json").is_file() else {}
+    lines = [f"# Gazal run: {recipe['name']}", "",
+             f"- run directory: `{run_dir}`",
+             f"- base model: `{recipe['model']['name_or_path']}`",
+             "- libraries: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "platform"), ""]
+    lines += _stage_section(run_dir, "sft")
+    lines += _stage_section(run_dir, "grpo")
+    lines += _eval_section(run_dir)
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    log.info("report written to %s", path)
+    return path

@@ -1,0 +1,117 @@
+"""The run directory: what each stage wrote, so any later stage can run on its own.
+
+Layout:
+    recipe.yaml, versions.json          the resolved recipe and library versions
+    sft/    adapter/ merged/ metrics.jsonl summary.json recipe.yaml DONE
+    grpo/   adapter/ merged/ metrics.jsonl summary.json recipe.yaml DONE
+    eval/   results.json <benchmark>/samples.jsonl recipe.yaml DONE
+    report.md
+A stage's DONE file is written last; a stage without it is unfinished and runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gazal.config import Recipe
+from gazal.errors import GazalError
+from gazal.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "grpo", "eval")
+_LIBRARIES = ("gazal", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "pydantic", "vllm")
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    """<output_dir>/<name>-<YYYYmmdd-HHMMSS> (a suffix keeps two runs in one second apart)."""
+    base = Path(recipe.output_dir) / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def latest_run_dir(recipe: Recipe) -> Path:
+    """The newest run directory of this recipe's name."""
+    runs = sorted(Path(recipe.output_dir).glob(f"{recipe.name}-*/recipe.yaml"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise GazalError(f"no run directory for recipe '{recipe.name}' under {recipe.output_dir}/ (pass --run-dir)")
+    return runs[-1].parent
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python and the libraries that shape a result."""
+    out: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the fully resolved recipe (defaults filled in) as YAML."""
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+def prepare(run_dir: Path, recipe: Recipe) -> None:
+    """Create the run directory and record the recipe and library versions."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, run_dir / "recipe.yaml")
+    write_json(run_dir / "versions.json", versions())
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename): a killed process never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def is_done(run_dir: Path, stage: str) -> bool:
+    return (run_dir / stage / "DONE").is_file()
+
+
+def start_stage(run_dir: Path, stage: str, recipe: Recipe, keep: tuple[str, ...] = ()) -> Path:
+    """A clean stage folder (keeping `keep`, e.g. resumable samples) with the recipe it runs under."""
+    folder = run_dir / stage
+    if folder.exists():
+        for child in folder.iterdir():
+            if child.name in keep:
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, folder / "recipe.yaml")
+    return folder
+
+
+def finish_stage(run_dir: Path, stage: str) -> None:
+    (run_dir / stage / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+
+
+def model_for(run_dir: Path, stage: str, recipe: Recipe) -> str:
+    """The model a stage starts from: the newest finished stage's merged model, else the base."""
+    earlier = {"sft": (), "grpo": ("sft",), "eval": ("grpo", "sft")}[stage]
+    for prev in earlier:
+        merged = run_dir / prev / "merged"
+        if is_done(run_dir, prev) and (merged / "config.json").is_file():
+            log.info("%s starts from %s", stage, merged)
+            return str(merged)
+    log.info("%s starts from the base model %s", stage, recipe.model.name_or_path)
+    return resolve_model(recipe.model.name_or_path, recipe.model.revision)

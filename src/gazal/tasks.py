@@ -1,0 +1,62 @@
+"""A question, how it is put to the model, and how its answer is scored.
+
+GRPO rollouts and evaluation both build prompts with `messages()` and score with `score()`, so the
+training signal and the benchmark number cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from gazal.answer import YES_NO_MAYBE, Extraction, extract_answer, is_correct
+from gazal.config import TaskSettings
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question with its gold label. `options` is None for yes/no/maybe questions."""
+
+    id: str
+    question: str
+    answer: str
+    options: dict[str, str] | None = None
+    context: str | None = None
+    category: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.options) if self.options else list(YES_NO_MAYBE)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def user_text(item: Item, task: TaskSettings) -> str:
+    """The question as the user turn: context, question, lettered options, instruction."""
+    parts = []
+    if item.context:
+        parts.append(f"Context: {item.context}")
+    parts.append(f"Question: {item.question}" if item.context else item.question)
+    if item.options:
+        parts.append("\n".join(f"{k}. {v}" for k, v in item.options.items()))
+        parts.append(task.mcq_instruction)
+    else:
+        parts.append(task.yesno_instruction)
+    return "\n\n".join(parts)
+
+
+def messages(item: Item, task: TaskSettings) -> list[dict[str, str]]:
+    """Chat messages for one item (system prompt only when the recipe sets one)."""
+    msgs = []
+    if task.system_prompt:
+        msgs.append({"role": "system", "content": task.system_prompt})
+    msgs.append({"role": "user", "content": user_text(item, task)})
+    return msgs
+
+
+def score(completion: str, answer: str, labels: Sequence[str], options: Mapping[str, str] | None) -> tuple[Extraction, bool]:
+    """Extract the answer of one completion and judge it against the gold label."""
+    extraction = extract_answer(completion, labels, options)
+    return extraction, is_correct(extraction, answer)

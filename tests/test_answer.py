@@ -1,0 +1,80 @@
+"""The shared answer extractor, table-driven."""
+
+import pytest
+
+from gazal.answer import HEDGE, NO_ANSWER, NOT_AN_OPTION, OK, extract_answer, is_correct
+
+ABCD = list("ABCD")
+ABCDE = list("ABCDE")
+A_J = list("ABCDEFGHIJ")
+YNM = ["yes", "no", "maybe"]
+VITAMINS = {"A": "Vitamin B1", "B": "Vitamin B12", "C": "Folate", "D": "Iron"}
+HEPATITIS = {"A": "Hepatitis B", "B": "Hepatitis C", "C": "Hepatitis A", "D": "Hepatitis E"}
+
+CASES = [
+    # (completion, labels, options, label, status)
+    ("<think>reasoning</think>\nThe answer is B", ABCD, None, "B", OK),
+    ("<think>reasoning</think>The answer is (C).", ABCD, None, "C", OK),
+    ("<think>x</think>\n**Answer:** D", ABCD, None, "D", OK),
+    ("<think>x</think>\nFinal answer: A", ABCD, None, "A", OK),
+    ("<think>x</think>\n\\boxed{B}", ABCD, None, "B", OK),
+    ("<think>x</think>\nB", ABCD, None, "B", OK),
+    ("<think>x</think>\n(D)", ABCD, None, "D", OK),
+    ("The correct answer is C.", ABCD, None, "C", OK),
+    ("Answer: E", ABCDE, None, "E", OK),
+    ("The answer is J", A_J, None, "J", OK),
+    ("The answer is I", A_J, None, "I", OK),
+    ("The answer is I think B", ABCD, None, "B", OK),
+    # reasoning is not read once it is closed
+    ("<think>The answer is A</think>\nThe answer is C", ABCD, None, "C", OK),
+    ("<think>The answer is A</think>\n", ABCD, None, None, NO_ANSWER),
+    # truncated: an unclosed <think> means no answer, even if it mentions one
+    ("<think>The answer is B, because", ABCD, None, None, NO_ANSWER),
+    ("", ABCD, None, None, NO_ANSWER),
+    ("I am not sure.", ABCD, None, None, NO_ANSWER),
+    # revised answers: the last explicit statement wins
+    ("The answer is A. On reflection, the answer is D.", ABCD, None, "D", OK),
+    ("<think>x</think>\nAnswer: B\nWait. Final answer: C", ABCD, None, "C", OK),
+    # explicit statement beats letters merely mentioned
+    ("<think>x</think>\nOption A is tempting and D is possible.\nThe answer is B", ABCD, None, "B", OK),
+    # hedges
+    ("The answer is B or C", ABCD, None, None, HEDGE),
+    ("The answer is A, B, C, D", ABCD, None, None, HEDGE),
+    ("The answer is B and C", ABCD, None, None, HEDGE),
+    ("Answer: (B)/(C)", ABCD, None, None, HEDGE),
+    ("The answer is yes or no", YNM, None, None, HEDGE),
+    # not an option
+    ("The answer is E", ABCD, None, None, NOT_AN_OPTION),
+    ("Answer: F", ABCDE, None, None, NOT_AN_OPTION),
+    ("<think>x</think>\nK", A_J, None, None, NOT_AN_OPTION),
+    # option text maps to its letter, longest exact match first
+    ("Answer: Vitamin B12", ABCD, VITAMINS, "B", OK),
+    ("The answer is Vitamin B1.", ABCD, VITAMINS, "A", OK),
+    ("The answer is folate", ABCD, VITAMINS, "C", OK),
+    ("The answer is C (Hepatitis A)", ABCD, HEPATITIS, "C", OK),
+    ("The answer is Hepatitis A", ABCD, HEPATITIS, "C", OK),
+    ("The answer is Iron or Folate", ABCD, VITAMINS, None, HEDGE),
+    ("<think>x</think>\nFolate deficiency explains it.", ABCD, VITAMINS, "C", OK),
+    # yes / no / maybe
+    ("<think>x</think>\nThe answer is yes", YNM, None, "yes", OK),
+    ("<think>x</think>\nThe answer is no.", YNM, None, "no", OK),
+    ("<think>x</think>\nAnswer: Maybe", YNM, None, "maybe", OK),
+    ("The answer is yes, because there is no bias", YNM, None, "yes", OK),
+    ("<think>x</think>\nno", YNM, None, "no", OK),
+    ("<think>the answer is yes</think>", YNM, None, None, NO_ANSWER),
+    ("The answer is not clear", YNM, None, None, NO_ANSWER),
+    ("<think>maybe</think>\nThe answer is no", YNM, None, "no", OK),
+]
+
+
+@pytest.mark.parametrize("completion,labels,options,label,status", CASES)
+def test_extract(completion, labels, options, label, status):
+    got = extract_answer(completion, labels, options)
+    assert (got.label, got.status) == (label, status)
+
+
+def test_only_clean_answers_earn_credit():
+    assert is_correct(extract_answer("The answer is B", ABCD), "B")
+    assert not is_correct(extract_answer("The answer is B or C", ABCD), "B")
+    assert not is_correct(extract_answer("The answer is C", ABCD), "B")
+    assert is_correct(extract_answer("The answer is Yes", YNM), "yes")

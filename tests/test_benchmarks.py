@@ -1,0 +1,41 @@
+"""Real benchmark copies in ../shared/benchmarks load with official sizes and valid labels."""
+
+import json
+
+import pytest
+
+from gazal.benchmarks import BenchmarkUnavailable, load_benchmark
+from gazal.errors import GazalError
+
+
+@pytest.mark.parametrize("name,size", [("medqa", 1273), ("mmlu_pro", 818), ("pubmedqa", 500)])
+def test_official_sizes(benchmarks_dir, name, size):
+    items = load_benchmark(name, benchmarks_dir, ["health"])
+    assert len(items) == size
+    assert len({it.id for it in items}) == size
+    for it in items:
+        assert it.answer in it.labels
+        if name != "pubmedqa":
+            assert it.answer in it.options
+        else:
+            assert it.context and it.options is None
+
+
+def test_mmlu_pro_categories_and_limit(benchmarks_dir):
+    assert len(load_benchmark("mmlu_pro", benchmarks_dir, ["health", "biology", "psychology"])) == 818 + 717 + 798
+    assert len(load_benchmark("medqa", benchmarks_dir, limit=5)) == 5
+
+
+def test_missing_local_copy_is_unavailable_not_a_crash(tmp_path):
+    with pytest.raises(BenchmarkUnavailable):
+        load_benchmark("medqa", tmp_path)
+
+
+def test_size_mismatch_and_bad_lines_are_errors(tmp_path):
+    row = {"id": "1", "question": "q", "options": {"A": "x", "B": "y"}, "answer": "A"}
+    (tmp_path / "medqa_test.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(GazalError, match="official test set has 1273"):
+        load_benchmark("medqa", tmp_path)
+    (tmp_path / "medqa_test.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "answer": "Q"}) + "\n")
+    with pytest.raises(GazalError, match=r"medqa_test.jsonl:2: field 'answer'"):
+        load_benchmark("medqa", tmp_path)

@@ -1,0 +1,71 @@
+"""Recipes: every shipped recipe validates; bad recipes fail with exit 2 naming key or file."""
+
+import textwrap
+
+import pytest
+
+from gazal import config
+from gazal.cli import main
+from gazal.errors import GazalError
+
+
+@pytest.mark.parametrize("name", sorted(config.shipped_recipes()))
+def test_every_shipped_recipe_validates(name, capsys):
+    assert main(["validate", "--config", name]) == 0
+    assert f"valid recipe" in capsys.readouterr().out
+
+
+def test_shipped_recipes_start_with_their_command():
+    for name, path in config.shipped_recipes().items():
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and "gazal" in first and name in first
+
+
+def test_every_field_is_documented():
+    rows = config.explain()
+    assert len(rows) > 40
+    undocumented = [r for r in rows if r.rstrip().endswith(":")]
+    assert not undocumented, undocumented
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("name: x\nsft:\n  learnin_rate: 1.0e-4\n", ["recipe.yaml:3", "unknown key 'sft.learnin_rate'", "sft.learning_rate"]),
+        ("name: x\nbogus: 1\n", ["recipe.yaml:2", "unknown key 'bogus'"]),
+        ("name: x\nsft:\n  learning_rate: fast\n", ["recipe.yaml:3", "sft.learning_rate", "valid number"]),
+        ("name: x\ngrpo:\n  max_steps: [1]\n", ["grpo.max_steps", "valid integer"]),
+        ("name: x\neval:\n  benchmarks: [medqa, nope]\n", ["eval.benchmarks.1"]),
+        ("name: x\ndata:\n  sft: missing/train.jsonl\n", ["recipe.yaml:3", "data.sft", "missing/train.jsonl"]),
+        ("name: x\neval:\n  benchmarks_dir: /no/such/dir\n", ["eval.benchmarks_dir", "/no/such/dir"]),
+        ("name: x\nsft: [\n", ["recipe.yaml", "broken YAML"]),
+        ("name: x\ngrpo:\n  rewards:\n    - name: nope\n", ["grpo.rewards.0", "unknown reward 'nope'"]),
+        ("name: x\ngrpo:\n  rewards:\n    - name: accuracy\n      params: {scale: 2}\n", ["grpo.rewards.0", "scale"]),
+        ("name: x\ngrpo:\n  num_generations: 3\n", ["grpo.num_generations"]),
+    ],
+)
+def test_bad_recipes_exit_2_naming_the_key(tmp_path, capsys, text, expected):
+    assert main(["validate", "--config", _write(tmp_path, text)]) == 2
+    err = capsys.readouterr().err
+    for piece in expected:
+        assert piece in err, err
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    recipe = config.load_recipe("demo", ["sft.learning_rate=1e-4", "eval.limit=3", "grpo.rewards.1.weight=2"])
+    assert recipe.sft.learning_rate == 1e-4 and recipe.eval.limit == 3 and recipe.grpo.rewards[1].weight == 2
+    with pytest.raises(GazalError, match="sft.lora.r"):
+        config.load_recipe("demo", ["sft.lora.r=0"])
+    with pytest.raises(GazalError, match="unknown key 'sft.nope'"):
+        config.load_recipe("demo", ["sft.nope=1"])
+
+
+def test_unknown_recipe_name():
+    with pytest.raises(GazalError, match="shipped"):
+        config.load_recipe("no-such-recipe")

@@ -1,0 +1,44 @@
+"""Data files: seed sets load; bad rows name file, line and field."""
+
+import json
+
+import pytest
+
+from gazal.data import load_grpo_items, load_sft_rows
+from gazal.errors import GazalError
+
+
+def test_seed_sets_load():
+    rows = load_sft_rows("seed:sft")
+    items = load_grpo_items("seed:grpo")
+    assert len(rows) >= 30 and len(items) >= 30
+    assert all(it.answer in it.options for it in items)
+
+
+def _jsonl(tmp_path, rows, raw=None):
+    path = tmp_path / "d.jsonl"
+    path.write_text(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+GOOD_SFT = {"case": "c", "reasoning": "r", "answer": "a"}
+GOOD_MCQ = {"question": "q", "options": {"A": "x", "B": "y"}, "answer": "B"}
+
+
+@pytest.mark.parametrize(
+    "loader,raw,expected",
+    [
+        (load_sft_rows, json.dumps(GOOD_SFT) + "\n{not json\n", ["d.jsonl:2", "malformed JSON"]),
+        (load_sft_rows, json.dumps({"case": "c", "answer": "a"}) + "\n", ["d.jsonl:1", "missing field 'reasoning'"]),
+        (load_sft_rows, json.dumps({**GOOD_SFT, "answer": 3}) + "\n", ["d.jsonl:1", "'answer' must be a string"]),
+        (load_sft_rows, "", ["d.jsonl", "empty"]),
+        (load_grpo_items, json.dumps({**GOOD_MCQ, "answer": "C"}) + "\n", ["d.jsonl:1", "'answer'", "not one of the options"]),
+        (load_grpo_items, json.dumps({**GOOD_MCQ, "options": {"A": "x", "C": "y"}}) + "\n", ["d.jsonl:1", "consecutive letters"]),
+        (load_grpo_items, json.dumps(GOOD_MCQ) + "\n[1]\n", ["d.jsonl:2", "JSON object"]),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path, loader, raw, expected):
+    with pytest.raises(GazalError) as info:
+        loader(_jsonl(tmp_path, None, raw))
+    for piece in expected:
+        assert piece in str(info.value)

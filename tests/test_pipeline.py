@@ -1,0 +1,96 @@
+"""The whole recipe on the tiny Qwen3 model: every stage, its files, and what training changed."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gazal import models
+from gazal.cli import main
+
+TINY = [
+    "model.name_or_path=gazal:tiny-qwen3",
+    "data.sft_limit=8",
+    "data.grpo_limit=8",
+    "sft.max_steps=3",
+    "sft.max_length=512",
+    "sft.learning_rate=1e-2",
+    "grpo.max_steps=2",
+    "grpo.max_completion_length=12",
+    "grpo.learning_rate=1e-2",
+    # A random model never earns accuracy/format credit; a length reward gives the group a spread.
+    "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tiny_rewards:length', weight: 1.0}]",
+    "eval.limit=3",
+    "eval.max_new_tokens=8",
+    "eval.batch_size=3",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, benchmarks_dir):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    args = ["run", "--config", "demo", "--run-dir", str(out), f"eval.benchmarks_dir={benchmarks_dir}", *TINY]
+    assert main(args) == 0
+    return out
+
+
+def test_run_dir_files(run_dir: Path):
+    for rel in ["recipe.yaml", "versions.json", "report.md", "eval/results.json",
+                "eval/medqa/samples.jsonl", "eval/mmlu_pro/samples.jsonl", "eval/pubmedqa/samples.jsonl"]:
+        assert (run_dir / rel).is_file(), rel
+    for stage in ("sft", "grpo"):
+        for rel in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "merged/config.json",
+                    "merged/model.safetensors", "metrics.jsonl", "summary.json", "recipe.yaml", "DONE"]:
+            assert (run_dir / stage / rel).is_file(), f"{stage}/{rel}"
+    versions = json.loads((run_dir / "versions.json").read_text())
+    assert versions["trl"] and versions["peft"] and versions["transformers"]
+
+
+def test_adapters_changed_and_base_did_not(run_dir: Path):
+    for stage in ("sft", "grpo"):
+        params = json.loads((run_dir / stage / "summary.json").read_text())["parameters"]
+        assert params["trainable_tensors_changed"] == params["trainable_tensors"] > 0, stage
+        assert params["frozen_tensors_changed"] == 0, stage
+        cfg = json.loads((run_dir / stage / "adapter" / "adapter_config.json").read_text())
+        assert cfg["use_dora"] and cfg["use_rslora"]
+        # Independent check on the saved adapter: LoRA B starts at zero, so non-zero B means training moved it.
+        weights = load_file(run_dir / stage / "adapter" / "adapter_model.safetensors")
+        lora_b = [t for k, t in weights.items() if "lora_B" in k]
+        magnitudes = [t for k, t in weights.items() if "magnitude" in k]
+        assert lora_b and magnitudes
+        assert all(t.abs().sum() > 0 for t in lora_b), stage
+    # The base model on disk is untouched, and the merged SFT model differs from it.
+    base = load_file(Path(models.resolve_model(models.TINY_QWEN3)) / "model.safetensors")
+    merged = load_file(run_dir / "sft" / "merged" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[key], merged[key])
+
+
+def test_metrics_and_rewards_logged(run_dir: Path):
+    sft_rows = [json.loads(l) for l in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in sft_rows)
+    grpo_rows = [json.loads(l) for l in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("accuracy", "format", "length"):
+        assert any(f"rewards/{name}/mean" in r for r in grpo_rows), name
+
+
+def test_eval_results_and_report(run_dir: Path):
+    res = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert res["model"].endswith("grpo/merged")
+    for name in ("medqa", "mmlu_pro", "pubmedqa"):
+        b = res["benchmarks"][name]
+        assert b["n"] == 3 and 0 <= b["accuracy"] <= 1 and b["ci95"][0] <= b["accuracy"] <= b["ci95"][1]
+        assert set(b["status_rates"]) == {"ok", "no_answer", "hedge", "not_an_option"}
+        lines = (run_dir / "eval" / name / "samples.jsonl").read_text().splitlines()
+        assert len(lines) == 3 and all({"id", "prediction", "status", "correct"} <= json.loads(l).keys() for l in lines)
+    report = (run_dir / "report.md").read_text()
+    assert "MedQA" in report and "87.1" in report and "GRPO" in report
+
+
+def test_rerun_skips_finished_stages_and_stages_run_alone(run_dir: Path, capsys):
+    assert main(["run", "--config", "demo", "--run-dir", str(run_dir), *TINY[:1]]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already finished") == 3
+    assert main(["report", "--run-dir", str(run_dir)]) == 0
