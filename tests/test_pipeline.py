@@ -94,3 +94,16 @@ def test_rerun_skips_finished_stages_and_stages_run_alone(run_dir: Path, capsys)
     out = capsys.readouterr().out
     assert out.count("already finished") == 3
     assert main(["report", "--run-dir", str(run_dir)]) == 0
+
+
+def test_killed_evaluation_resumes_to_the_same_numbers(run_dir: Path, benchmarks_dir):
+    before = json.loads((run_dir / "eval" / "results.json").read_text())
+    samples = run_dir / "eval" / "medqa" / "samples.jsonl"
+    first = samples.read_text().splitlines()[0]
+    # What a kill mid-batch leaves: one finished item, half a line, no DONE marker.
+    samples.write_text(first + "\n" + '{"id": "medqa_us_te')
+    (run_dir / "eval" / "DONE").unlink()
+    assert main(["eval", "--config", "demo", "--run-dir", str(run_dir), f"eval.benchmarks_dir={benchmarks_dir}", *TINY]) == 0
+    after = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert after["benchmarks"] == before["benchmarks"]
+    assert len(samples.read_text().splitlines()) == 3  # the torn line was redone, not duplicated

@@ -61,13 +61,12 @@ class TaskSettings(_Section):
     """System message placed before every question (None: the chat template's default)."""
     mcq_instruction: str = (
         "Think through the problem step by step inside <think> and </think>. "
-        "Then give the final answer on its own line as 'The answer is X', where X is the option letter."
+        "Then give the final answer on its own line as 'The answer is' followed by the option letter."
     )
     """Instruction appended after a multiple-choice question and its lettered options."""
     yesno_instruction: str = (
         "Think through the problem step by step inside <think> and </think>. "
-        "Then give the final answer on its own line as 'The answer is yes', 'The answer is no' "
-        "or 'The answer is maybe'."
+        "Then give the final answer on its own line as 'The answer is' followed by yes, no or maybe."
     )
     """Instruction appended after a yes/no/maybe question (PubMedQA)."""
 
@@ -164,6 +163,8 @@ class GRPOSettings(_Section):
     """Exclude completions cut at max_completion_length from the loss."""
     num_iterations: int = Field(1, gt=0)
     """Optimisation passes per generated batch."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (slower; TRL turns it on by default)."""
     bf16: bool = False
     """Mixed precision in bfloat16 (GPUs)."""
     logging_steps: int = Field(1, gt=0)

@@ -74,15 +74,22 @@ class TransformersGenerator:
 
 
 def _done_ids(path: Path) -> set[str]:
+    """Ids already scored. A line torn by a kill is cut off so new rows append cleanly after it."""
     if not path.is_file():
         return set()
-    done = set()
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                done.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError):
-                break  # a line cut by a kill: everything before it is kept, it is redone
+    done, good = set(), []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not line.endswith("\n"):
+            break
+        done.add(row["id"])
+        good.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(good), encoding="utf-8")
+    tmp.replace(path)
     return done
 
 

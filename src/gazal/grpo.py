@@ -56,6 +56,7 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         mask_truncated_completions=cfg.mask_truncated_completions,
         num_iterations=cfg.num_iterations,
         reward_weights=[spec.weight for spec in cfg.rewards],
+        gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.bf16,
         logging_steps=cfg.logging_steps,
         save_strategy="no",
