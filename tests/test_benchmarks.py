@@ -39,3 +39,23 @@ def test_size_mismatch_and_bad_lines_are_errors(tmp_path):
     (tmp_path / "medqa_test.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "answer": "Q"}) + "\n")
     with pytest.raises(GazalError, match=r"medqa_test.jsonl:2: field 'answer'"):
         load_benchmark("medqa", tmp_path)
+
+
+def test_offline_hub_is_unavailable_not_a_crash(monkeypatch):
+    # conftest sets HF_DATASETS_OFFLINE=1, so the hub path must fail fast and plainly.
+    monkeypatch.delenv("GAZAL_BENCHMARKS_DIR", raising=False)
+    with pytest.raises(BenchmarkUnavailable, match="hub is unreachable"):
+        load_benchmark("pubmedqa", None)
+
+
+def test_eval_skips_what_it_cannot_load(tmp_path):
+    from gazal import evaluate, rundir
+    from gazal.config import load_recipe
+
+    recipe = load_recipe("demo", ["model.name_or_path=gazal:tiny-qwen3", f"eval.benchmarks_dir={tmp_path}"])
+    run_dir = tmp_path / "run"
+    rundir.prepare(run_dir, recipe)
+    results = evaluate.main(recipe, run_dir)
+    for name in ("medqa", "mmlu_pro", "pubmedqa"):
+        assert "not found" in results["benchmarks"][name]["skipped"]
+    assert rundir.is_done(run_dir, "eval")

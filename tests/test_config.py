@@ -12,7 +12,7 @@ from gazal.errors import GazalError
 @pytest.mark.parametrize("name", sorted(config.shipped_recipes()))
 def test_every_shipped_recipe_validates(name, capsys):
     assert main(["validate", "--config", name]) == 0
-    assert f"valid recipe" in capsys.readouterr().out
+    assert "valid recipe" in capsys.readouterr().out
 
 
 def test_shipped_recipes_start_with_their_command():

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from gazal import rundir
-from gazal.adapters import ParamSnapshot, lora_config, save_adapter_and_merged
+from gazal.adapters import lora_config
 from gazal.config import Recipe
 from gazal.data import load_grpo_items
 from gazal.models import load_model, load_tokenizer
-from gazal.monitor import JsonlMetrics, read_metrics
+from gazal.monitor import JsonlMetrics
 from gazal.rewards import resolve_reward
 from gazal.tasks import messages
+from gazal.training import common_args, train_and_save
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,7 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
     model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
 
     args = GRPOConfig(
-        output_dir=str(out / "checkpoints"),
-        learning_rate=cfg.learning_rate,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        **common_args(recipe, cfg, out),
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
@@ -56,13 +52,6 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         mask_truncated_completions=cfg.mask_truncated_completions,
         num_iterations=cfg.num_iterations,
         reward_weights=[spec.weight for spec in cfg.rewards],
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        bf16=cfg.bf16,
-        logging_steps=cfg.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=recipe.seed,
-        data_seed=recipe.seed,
     )
     trainer = GRPOTrainer(
         model=model,
@@ -73,23 +62,5 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         peft_config=lora_config(cfg.lora),
         callbacks=[JsonlMetrics(out / "metrics.jsonl")],
     )
-    snapshot = ParamSnapshot(trainer.model)
-    start = time.time()
-    result = trainer.train()
-    rows = read_metrics(out / "metrics.jsonl")
-    reward_keys = [f"rewards/{fn.__name__}/mean" for fn in reward_funcs]
-    summary = {
-        "questions": len(dataset),
-        "steps": result.global_step,
-        "train_loss": result.training_loss,
-        "seconds": round(time.time() - start, 1),
-        "base_model": base,
-        "rewards": {spec.name: spec.weight for spec in cfg.rewards},
-        "reward_trajectory": {key: [r[key] for r in rows if key in r] for key in reward_keys},
-        "parameters": snapshot.compare(trainer.model),
-    }
-    save_adapter_and_merged(trainer.model, tokenizer, out)
-    rundir.write_json(out / "summary.json", summary)
-    rundir.finish_stage(run_dir, "grpo")
-    log.info("grpo: done in %.0fs", summary["seconds"])
-    return summary
+    return train_and_save(trainer, tokenizer, run_dir, "grpo", {
+        "questions": len(dataset), "base_model": base, "rewards": {spec.name: spec.weight for spec in cfg.rewards}})

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from gazal import rundir
-from gazal.adapters import ParamSnapshot, lora_config, save_adapter_and_merged
+from gazal.adapters import lora_config
 from gazal.config import Recipe
 from gazal.data import load_sft_rows
 from gazal.models import load_model, load_tokenizer
 from gazal.monitor import JsonlMetrics
+from gazal.training import common_args, train_and_save
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +44,12 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
     model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
 
     args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        learning_rate=cfg.learning_rate,
+        **common_args(recipe, cfg, out),
         num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_length=cfg.max_length,
         warmup_steps=cfg.warmup_steps,
         lr_scheduler_type=cfg.lr_scheduler_type,
         weight_decay=cfg.weight_decay,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        bf16=cfg.bf16,
-        logging_steps=cfg.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=recipe.seed,
-        data_seed=recipe.seed,
     )
     trainer = SFTTrainer(
         model=model,
@@ -70,20 +59,4 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         peft_config=lora_config(cfg.lora),
         callbacks=[JsonlMetrics(out / "metrics.jsonl")],
     )
-    snapshot = ParamSnapshot(trainer.model)
-    start = time.time()
-    result = trainer.train()
-    summary = {
-        "examples": len(dataset),
-        "steps": result.global_step,
-        "train_loss": result.training_loss,
-        "seconds": round(time.time() - start, 1),
-        "base_model": base,
-        "parameters": snapshot.compare(trainer.model),
-    }
-    tokenizer.padding_side = "left"
-    save_adapter_and_merged(trainer.model, tokenizer, out)
-    rundir.write_json(out / "summary.json", summary)
-    rundir.finish_stage(run_dir, "sft")
-    log.info("sft: done in %.0fs, loss %.4f", summary["seconds"], summary["train_loss"])
-    return summary
+    return train_and_save(trainer, tokenizer, run_dir, "sft", {"examples": len(dataset), "base_model": base})
