@@ -191,6 +191,7 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         entry["limit"] = recipe.eval.limit
         results["benchmarks"][name] = entry
         log.info("%s: accuracy %.3f (n=%d)", name, entry["accuracy"], entry["n"])
+    results["peak_rss_mb"] = rundir.peak_rss_mb()
     rundir.write_json(out / "results.json", results)
     rundir.finish_stage(run_dir, "eval")
     return results

@@ -29,7 +29,7 @@ def _stage_section(run_dir: Path, stage: str) -> list[str]:
     lines = [f"## {title}", "",
              f"- started from `{s['base_model']}`",
              f"- {s.get('examples', s.get('questions'))} training rows, {s['steps']} steps, {s['seconds']} s, "
-             f"mean train loss {s['train_loss']:.4f}",
+             f"mean train loss {s['train_loss']:.4f}, peak memory {s.get('peak_rss_mb', 0):.0f} MiB",
              f"- adapter: {p['trainable_parameters']:,} trainable parameters; "
              f"{p['trainable_tensors_changed']}/{p['trainable_tensors']} adapter tensors changed, "
              f"{p['frozen_tensors_changed']}/{p['frozen_tensors']} base tensors changed"]
@@ -64,7 +64,8 @@ def _eval_section(run_dir: Path) -> list[str]:
             f"| {title} | {b['n']} | {_pct(b['accuracy'])} ({_pct(lo)}-{_pct(hi)}) | {_pct(b['paper_accuracy'])} | "
             f"{_pct(b['status_rates']['no_answer'])} | {_pct(b['status_rates']['hedge'])} | "
             f"{_pct(b['truncation_rate'])} | {b['mean_completion_tokens']:.0f} |")
-        notes.append(f"- {title}: {b['definition']}" + (f"; first {b['limit']} items only" if b.get("limit") else ""))
+        definition = "" if b["definition"] == title else f": {b['definition']}"
+        notes.append(f"- {title}{definition}" + (f"; first {b['limit']} items only" if b.get("limit") else ""))
     lines += ["", *notes, "",
               "The paper's numbers are Qwen3-32B after the full recipe on the full test sets; a limited run is a smoke "
               "test, not a comparison.", ""]

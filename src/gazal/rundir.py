@@ -73,6 +73,15 @@ def prepare(run_dir: Path, recipe: Recipe) -> None:
     write_json(run_dir / "versions.json", versions())
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename): a killed process never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gazal import rundir
 from gazal.adapters import ParamSnapshot, save_adapter_and_merged
 from gazal.config import GRPOSettings, Recipe, SFTSettings
@@ -29,6 +31,7 @@ def common_args(recipe: Recipe, cfg: SFTSettings | GRPOSettings, out: Path) -> d
         "report_to": "none",
         "seed": recipe.seed,
         "data_seed": recipe.seed,
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning is meaningless (and warns) on CPU
     }
 
 
@@ -38,7 +41,8 @@ def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[
     start = time.time()
     result = trainer.train()
     summary = {**summary, "steps": result.global_step, "train_loss": result.training_loss,
-               "seconds": round(time.time() - start, 1), "parameters": snapshot.compare(trainer.model)}
+               "seconds": round(time.time() - start, 1), "parameters": snapshot.compare(trainer.model),
+               "peak_rss_mb": rundir.peak_rss_mb()}
     tokenizer.padding_side = "left"  # saved tokenizers serve batched generation next
     out = run_dir / stage
     save_adapter_and_merged(trainer.model, tokenizer, out)
