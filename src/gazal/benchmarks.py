@@ -21,17 +21,21 @@ LOCAL_FILES = {
     "medqa": "medqa_test.jsonl",
     "mmlu_pro": "mmlu_pro_medical_test.jsonl",
     "pubmedqa": "pubmedqa_test.jsonl",
+    "medmcqa": "medmcqa_dev.jsonl",
 }
 MMLU_PRO_SIZES = {"health": 818, "biology": 717, "psychology": 798}
-OFFICIAL_SIZES = {"medqa": 1273, "pubmedqa": 500}
+OFFICIAL_SIZES = {"medqa": 1273, "pubmedqa": 500, "medmcqa": 4183}
 # Gazal-R1's reported accuracy (%), shown beside every result.
 PAPER = {"medqa": 87.1, "mmlu_pro": 81.6, "pubmedqa": 79.6}
-TITLES = {"medqa": "MedQA (USMLE, 4 options, test)", "mmlu_pro": "MMLU-Pro medical", "pubmedqa": "PubMedQA (PQA-L test)"}
-# Hub sources: (repo, config, split, revision).
+TITLES = {"medqa": "MedQA (USMLE, 4 options, test)", "mmlu_pro": "MMLU-Pro medical", "pubmedqa": "PubMedQA (PQA-L test)",
+          "medmcqa": "MedMCQA (dev)"}
+# Hub sources: (repo, config, split, revision). MedQA is pinned to a commit; MMLU-Pro and
+# PubMedQA name a branch until a commit matching the shared copies is verified (see README).
 HUB = {
-    "medqa": ("GBaker/MedQA-USMLE-4-options", None, "test", "main"),
+    "medqa": ("GBaker/MedQA-USMLE-4-options", None, "test", "0fb93dd23a7339b6dcd27e241cb9b5eca62d4d18"),
     "mmlu_pro": ("TIGER-Lab/MMLU-Pro", None, "test", "main"),
     "pubmedqa": ("bigbio/pubmedqa", "pubmedqa_source", "test", "refs/convert/parquet"),
+    "medmcqa": ("openlifescienceai/medmcqa", None, "validation", "main"),
 }
 
 
@@ -61,9 +65,8 @@ def _item(name: str, row: dict, where: str) -> Item:
             raise GazalError(f"{where}: field 'answer' is {answer!r}, not one of yes, no, maybe")
         return Item(id=str(row.get("id", where)), question=question, answer=answer, context=context)
     item = mcq_item(row, where)
-    category = row.get("category")
-    if name == "medqa":
-        category = row.get("meta_info")
+    # Per-category breakdowns: MedQA step 1 vs steps 2&3, MMLU-Pro category, MedMCQA subject.
+    category = {"medqa": row.get("meta_info"), "medmcqa": row.get("subject")}.get(name, row.get("category"))
     return Item(id=str(row.get("id", where)), question=item.question, answer=item.answer, options=item.options,
                 category=category)
 
@@ -85,6 +88,10 @@ def _hub_rows(name: str) -> list[dict]:
             letters = [chr(ord("A") + j) for j in range(len(r["options"]))]
             rows.append({"id": f"mmlu_pro_{r['question_id']}", "question": r["question"],
                          "options": dict(zip(letters, r["options"])), "answer": r["answer"], "category": r["category"]})
+        elif name == "medmcqa":
+            rows.append({"id": r["id"], "question": r["question"],
+                         "options": {"A": r["opa"], "B": r["opb"], "C": r["opc"], "D": r["opd"]},
+                         "answer": "ABCD"[int(r["cop"])], "subject": r.get("subject_name")})
         else:
             rows.append({"id": str(r["pubid"]), "question": r["QUESTION"], "context": "\n".join(r["CONTEXTS"]),
                          "answer": r["final_decision"]})

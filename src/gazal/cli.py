@@ -19,6 +19,7 @@ STAGE_HELP = {
     "report": "write report.md from a run directory",
     "validate": "check a recipe (types, unknown keys, files) without running it",
 }
+SCORE_HELP = "score generations from anywhere with Gazal's answer extractor and metrics"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--explain", action="store_true", help="list every recipe key with its documentation")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. sft.learning_rate=1e-4")
+    p = sub.add_parser("score", help=SCORE_HELP, description=SCORE_HELP + ". Each line: id, completion, answer, and "
+                       "options (letter -> text) or labels (e.g. [\"yes\", \"no\", \"maybe\"]).")
+    p.add_argument("predictions", type=Path, metavar="PREDICTIONS.jsonl")
+    p.add_argument("--out", type=Path, default=None, help="scored lines (default: PREDICTIONS.scored.jsonl)")
     return parser
 
 
@@ -53,6 +58,18 @@ def _run_stage(name: str, recipe, run_dir: Path) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from gazal import config, rundir
+
+    if args.command == "score":
+        from gazal.scoring import score_file
+
+        out, m = score_file(args.predictions, args.out)
+        print(f"scored {m['n']} items -> {out}")
+        lo, hi = m["ci95"]
+        print(f"accuracy {100 * m['accuracy']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f})")
+        print("extractor status: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["status_rates"].items()))
+        for cat, v in m["per_category"].items():
+            print(f"  {cat}: {100 * v['accuracy']:.1f}% (n={v['n']})")
+        return 0
 
     if args.command == "report":
         from gazal import report
@@ -88,6 +105,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(path.read_text(encoding="utf-8"))
     else:
         _run_stage(args.command, recipe, run_dir)
+        if args.command == "eval":
+            from gazal import report
+
+            print("\n".join(report.eval_table(rundir.read_json(run_dir / "eval" / "results.json"))))
     return 0
 
 

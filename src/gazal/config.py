@@ -177,7 +177,7 @@ class GRPOSettings(_Section):
     """Reward components and their weights."""
 
 
-BenchmarkName = Literal["medqa", "mmlu_pro", "pubmedqa"]
+BenchmarkName = Literal["medqa", "mmlu_pro", "pubmedqa", "medmcqa"]
 
 
 class EvalSettings(_Section):
@@ -201,6 +201,12 @@ class EvalSettings(_Section):
     """0 is greedy decoding."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling when temperature > 0."""
+    num_samples: int = Field(1, gt=0)
+    """Completions per item; accuracy is their mean. More than 1 needs temperature > 0."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """Generation engine: transformers (CPU or GPU) or vLLM (GPU, `pip install gazal[gpu]`)."""
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Fraction of GPU memory vLLM may take."""
 
 
 class Recipe(_Section):
@@ -369,6 +375,9 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
             resolve_reward(spec.name, spec.params)
         except (GazalError, TypeError, ValueError) as exc:
             raise GazalError(f"{where('grpo', 'rewards', str(i))}: grpo.rewards.{i} ({spec.name}): {exc}") from None
+    if recipe.eval.num_samples > 1 and recipe.eval.temperature == 0:
+        raise GazalError(f"{where('eval', 'num_samples')}: eval.num_samples > 1 needs eval.temperature > 0 "
+                         "(greedy decoding gives the same completion every time)")
     if recipe.grpo.per_device_train_batch_size * recipe.grpo.gradient_accumulation_steps % recipe.grpo.num_generations:
         raise GazalError(
             f"{where('grpo', 'num_generations')}: grpo.num_generations ({recipe.grpo.num_generations}) must divide "

@@ -45,31 +45,38 @@ def _stage_section(run_dir: Path, stage: str) -> list[str]:
     return lines + [""]
 
 
+def eval_table(res: dict) -> list[str]:
+    """Markdown table of evaluation results beside Gazal-R1's reported numbers, with definitions."""
+    lines = ["| benchmark | items | accuracy % (95% CI) | Gazal-R1 paper % | no answer % | hedge % | "
+             "not an option % | truncated % | mean tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, b in res["benchmarks"].items():
+        title = TITLES.get(name, name)
+        paper = _pct(b["paper_accuracy"]) if b.get("paper_accuracy") is not None else "-"
+        if "skipped" in b:
+            lines.append(f"| {title} | - | skipped | {paper} | - | - | - | - | - |")
+            notes.append(f"- {title}: skipped: {b['skipped']}")
+            continue
+        lo, hi = b["ci95"]
+        rates = b["status_rates"]
+        lines.append(
+            f"| {title} | {b['n']} | {_pct(b['accuracy'])} ({_pct(lo)}-{_pct(hi)}) | {paper} | "
+            f"{_pct(rates['no_answer'])} | {_pct(rates['hedge'])} | {_pct(rates['not_an_option'])} | "
+            f"{_pct(b['truncation_rate'])} | {b['mean_completion_tokens']:.0f} |")
+        definition = "" if b["definition"] == title else f": {b['definition']}"
+        cats = ", ".join(f"{c} {_pct(v['accuracy'])}% (n={v['n']})" for c, v in b.get("per_category", {}).items())
+        notes.append(f"- {title}{definition}" + (f"; first {b['limit']} items only" if b.get("limit") else "")
+                     + (f"; by category: {cats}" if cats else ""))
+    return lines + ["", *notes]
+
+
 def _eval_section(run_dir: Path) -> list[str]:
     if not rundir.is_done(run_dir, "eval"):
         return ["## Evaluation", "", "Not run (or not finished).", ""]
     res = rundir.read_json(run_dir / "eval" / "results.json")
-    lines = ["## Evaluation", "", f"Model: `{res['model']}`; decoding: {res['decoding']}", "",
-             "| benchmark | items | accuracy % (95% CI) | Gazal-R1 paper % | no answer % | hedge % | truncated % | mean tokens |",
-             "|---|---|---|---|---|---|---|---|"]
-    notes = []
-    for name, b in res["benchmarks"].items():
-        title = TITLES.get(name, name)
-        if "skipped" in b:
-            lines.append(f"| {title} | - | skipped | {_pct(b['paper_accuracy'])} | - | - | - | - |")
-            notes.append(f"- {title}: skipped: {b['skipped']}")
-            continue
-        lo, hi = b["ci95"]
-        lines.append(
-            f"| {title} | {b['n']} | {_pct(b['accuracy'])} ({_pct(lo)}-{_pct(hi)}) | {_pct(b['paper_accuracy'])} | "
-            f"{_pct(b['status_rates']['no_answer'])} | {_pct(b['status_rates']['hedge'])} | "
-            f"{_pct(b['truncation_rate'])} | {b['mean_completion_tokens']:.0f} |")
-        definition = "" if b["definition"] == title else f": {b['definition']}"
-        notes.append(f"- {title}{definition}" + (f"; first {b['limit']} items only" if b.get("limit") else ""))
-    lines += ["", *notes, "",
-              "The paper's numbers are Qwen3-32B after the full recipe on the full test sets; a limited run is a smoke "
-              "test, not a comparison.", ""]
-    return lines
+    return ["## Evaluation", "", f"Model: `{res['model']}`; decoding: {res['decoding']}", "", *eval_table(res), "",
+            "The paper's numbers are Qwen3-32B after the full recipe on the full test sets; a limited run is a smoke "
+            "test, not a comparison.", ""]
 
 
 def main(run_dir: Path) -> Path:
