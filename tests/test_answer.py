@@ -64,6 +64,36 @@ CASES = [
     ("<think>the answer is yes</think>", YNM, None, None, NO_ANSWER),
     ("The answer is not clear", YNM, None, None, NO_ANSWER),
     ("<think>maybe</think>\nThe answer is no", YNM, None, "no", OK),
+    ("<think>x</think>\nAnswer: MAYBE.", YNM, None, "maybe", OK),
+    ("<think>x</think>\nThe answer is perhaps", YNM, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is yes. Wait, the final answer is maybe", YNM, None, "maybe", OK),
+    ("<think>x</think>\nyes or maybe", YNM, None, None, HEDGE),
+    # five options (A-E)
+    ("<think>x</think>\nThe answer is E", ABCDE, None, "E", OK),
+    ("<think>x</think>\nThe answer is (E) Nephrotic syndrome", ABCDE, None, "E", OK),
+    ("<think>x</think>\nThe answer is F", ABCDE, None, None, NOT_AN_OPTION),
+    ("<think>x</think>\nThe answer is D or E", ABCDE, None, None, HEDGE),
+    ("<think>x</think>\nThe best answer is: **E**", ABCDE, None, "E", OK),
+    ("<think>x</think>\n**E.**", ABCDE, None, "E", OK),
+    # ten options (A-J)
+    ("<think>x</think>\nThe answer is (H).", A_J, None, "H", OK),
+    ("<think>x</think>\nThe answer is G, H", A_J, None, None, HEDGE),
+    ("<think>x</think>\nAnswer: J", A_J, None, "J", OK),
+    ("<think>x</think>\n\\boxed{F}", A_J, None, "F", OK),
+    ("<think>x</think>\nThe answer is A because the rash is vesicular", ABCD, None, "A", OK),
+    ("<think>x</think>\nI think it is probably C", ABCD, None, "C", OK),
+    # answers only inside the reasoning earn nothing
+    ("<think>B is right. The answer is B.</think>\nI hope this helps.", ABCD, None, None, NO_ANSWER),
+    ("<think>Answer: yes</think>\nThank you.", YNM, None, None, NO_ANSWER),
+    # truncated output
+    ("<think>1. Findings: fever. 2. Differential: pneumonia vs", ABCDE, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is", ABCD, None, None, NO_ANSWER),
+    # a second, conflicting answer after the first: the last one counts
+    ("<think>x</think>\nThe answer is B.\nThe answer is C.", ABCD, None, "C", OK),
+    # option text with markup, and text that does not match any option
+    ("<think>x</think>\nThe answer is **Vitamin B12**.", ABCD, VITAMINS, "B", OK),
+    ("<think>x</think>\nThe answer is vitamin C", ABCD, VITAMINS, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is Hepatitis E or Hepatitis A", ABCD, HEPATITIS, None, HEDGE),
 ]
 
 

@@ -59,3 +59,10 @@ def test_eval_skips_what_it_cannot_load(tmp_path):
     for name in ("medqa", "mmlu_pro", "pubmedqa"):
         assert "not found" in results["benchmarks"][name]["skipped"]
     assert rundir.is_done(run_dir, "eval")
+
+
+def test_medmcqa_extra_and_categories(benchmarks_dir):
+    items = load_benchmark("medmcqa", benchmarks_dir)
+    assert len(items) == 4183 and all(it.answer in it.options for it in items)
+    medqa = load_benchmark("medqa", benchmarks_dir)
+    assert {it.category for it in medqa} == {"step1", "step2&3"}

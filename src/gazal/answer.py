@@ -129,8 +129,12 @@ def _read_statement(
                 remaining = pat.sub(" ", remaining)
     if lettered:
         hits += re.findall(r"(?:\boption\s+|\bchoice\s+|\(|\[)([A-Z])(?![A-Za-z0-9])", remaining)
-        # Bare capitals that are labels, unless they read as an article or pronoun ("A patient").
-        hits += re.findall(r"(?<![A-Za-z0-9(\[])([" + "".join(labels) + r"])(?![A-Za-z0-9])(?!\s+[a-z])", remaining)
+        # Bare capitals that are labels, unless they read as an article or pronoun ("A patient") or
+        # name something ("vitamin C", "hepatitis B"): only at the start, after punctuation, or after
+        # a hedge word ("likely B") does a lone capital count as a letter.
+        hits += re.findall(r"(?:^|[^A-Za-z0-9\s(\[]\s*|\b(?i:likely|probably|definitely|clearly|therefore|thus|so|is|be"
+                           r"|think|believe|guess|choose|pick|select)\s+)"
+                           r"([" + "".join(labels) + r"])(?![A-Za-z0-9])(?!\s+[a-z])", remaining)
     else:
         hits += [m.group(0) for m in re.finditer("|".join(_label_pattern(l, False) for l in labels), remaining,
                                                    re.IGNORECASE)]
