@@ -22,6 +22,8 @@ TINY = [
     "grpo.learning_rate=1e-2",
     # A random model never earns accuracy/format credit; a length reward gives the group a spread.
     "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tiny_rewards:length', weight: 1.0}]",
+    # That length reward is gameable on purpose (the audit says so); this run overrides the audit.
+    "grpo.skip_reward_audit=true",
     "eval.limit=3",
     "eval.max_new_tokens=8",
     "eval.batch_size=3",
@@ -107,3 +109,12 @@ def test_killed_evaluation_resumes_to_the_same_numbers(run_dir: Path, benchmarks
     after = json.loads((run_dir / "eval" / "results.json").read_text())
     assert after["benchmarks"] == before["benchmarks"]
     assert len(samples.read_text().splitlines()) == 3  # the torn line was redone, not duplicated
+
+
+def test_grpo_refuses_a_gameable_reward(tmp_path, capsys):
+    args = ["grpo", "--config", "demo", "--run-dir", str(tmp_path / "r"), "model.name_or_path=gazal:tiny-qwen3",
+            "grpo.rewards=[{name: accuracy}]"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "reward audit" in err and "bare_answer" in err and "skip_reward_audit" in err
+    assert not (tmp_path / "r" / "grpo" / "DONE").exists()

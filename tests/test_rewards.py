@@ -1,20 +1,45 @@
-"""Reward components follow TRL's contract and use the shared extractor."""
+"""Reward components: TRL's contract, the shared extractor, bounds, None handling, anti-gaming."""
 
-from gazal.rewards import resolve_reward
+import json
+import math
+
+import pytest
+
+from gazal.audit import hacks, honest, run_audit
+from gazal.cli import main
+from gazal.config import load_recipe
+from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model
+from gazal.rewards import REWARDS, RewardSet, parse, resolve_reward
+from gazal.tasks import Item
 
 OPTS = {"A": "Iron", "B": "Folate", "C": "Vitamin B12", "D": "Vitamin B1"}
+GOOD = "<think>\n1. Findings: macrocytic anaemia with neuropathy.\n2. Differential: folate vs B12.\n</think>\nThe answer is C."
+ITEM = Item(id="q", question="A vegan has macrocytic anaemia and neuropathy. Which deficiency?", answer="C",
+            options=OPTS)
 
 
 def chat(text):
     return [{"role": "assistant", "content": text}]
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model(TINY_QWEN3))
+
+
 def test_accuracy_uses_the_shared_extractor_and_skips_bad_gold():
     acc = resolve_reward("accuracy")
-    completions = [chat("<think>r</think>\nThe answer is C"), chat("<think>r</think>\nThe answer is B or C"),
-                   chat("<think>The answer is C</think>"), "The answer is Vitamin B12", chat("The answer is C")]
-    got = acc(completions=completions, answer=["C", "C", "C", "C", "Z"], options=[OPTS] * 5)
-    assert got == [1.0, 0.0, 0.0, 1.0, None]
+    completions = [chat(GOOD), chat("<think>r</think>\nThe answer is B or C"),
+                   chat("<think>The answer is C</think>"), "The answer is Vitamin B12", chat(GOOD), chat(GOOD)]
+    got = acc(completions=completions, answer=["C", "C", "C", "C", "Z", None], options=[OPTS] * 6)
+    assert got == [1.0, 0.0, 0.0, 1.0, None, None]
+
+
+def test_accuracy_logs_hedge_and_no_answer_rates():
+    logged = {}
+    resolve_reward("accuracy")(completions=["The answer is B or C", "nothing", GOOD, GOOD], answer=["C"] * 4,
+                               options=[OPTS] * 4, log_metric=lambda k, v: logged.__setitem__(k, v))
+    assert logged == {"gazal/hedge_rate": 0.25, "gazal/no_answer_rate": 0.25}
 
 
 def test_accuracy_drops_missing_letters_from_arrow_structs():
@@ -25,27 +50,140 @@ def test_accuracy_drops_missing_letters_from_arrow_structs():
 
 
 def test_accuracy_yes_no_maybe_via_labels():
-    acc = resolve_reward("accuracy")
-    got = acc(completions=["<think>r</think>The answer is no"] * 2, answer=["no", "yes"],
-              labels=[["yes", "no", "maybe"]] * 2)
+    got = resolve_reward("accuracy")(completions=["<think>r</think>The answer is no"] * 2, answer=["no", "yes"],
+                                     labels=[["yes", "no", "maybe"]] * 2)
     assert got == [1.0, 0.0]
+
+
+FORMAT_CASES = {
+    GOOD: 1.0,
+    "<think>\nsteps\n</think>\nThe answer is C. Vitamin B12 deficiency explains both findings.": 1.0,
+    "<think>\nsteps\n</think>\nThe answer is C.\nFinal answer: C": 1.0,  # restated, not conflicting
+    "<think></think>\nThe answer is C": 0.0,  # empty reasoning
+    "<think>   </think>\nThe answer is C": 0.0,  # blank reasoning
+    "The answer is C": 0.0,  # no reasoning
+    "<think>steps</think>": 0.0,  # nothing after the reasoning
+    "<think>steps</think>\nI think it is fine.": 0.0,  # no answer statement
+    "<think>steps": 0.0,  # never closed
+    "The answer is C <think>steps</think> C": 0.0,  # reasoning not first
+    "<think>a</think><think>b</think>The answer is C": 0.0,  # several blocks
+    "<think>a<think>b</think>c</think>The answer is C": 0.0,  # nested
+    "<think>a</think></think></think>The answer is C": 0.0,  # tag spam
+    "<think>a</think>\nThe answer is B or C": 0.0,  # hedge
+    "<think>a</think>\nThe answer is E": 0.0,  # not an option
+    "<think>a</think>\nThe answer is B.\nThe answer is C.": 0.0,  # conflicting
+    "<think>a</think>\nThe answer is C.\n" + "More discussion of the case follows here. " * 10: 0.0,  # trailing essay
+}
 
 
 def test_format():
     fmt = resolve_reward("format")
-    cases = {
-        "<think>\nsteps\n</think>\nThe answer is B": 1.0,
-        "<think></think>\nThe answer is B": 0.0,  # empty reasoning
-        "The answer is B": 0.0,  # no reasoning
-        "<think>steps</think>": 0.0,  # nothing after the reasoning
-        "<think>steps": 0.0,  # never closed
-        "The answer is B <think>steps</think> B": 0.0,  # reasoning not first
-        "<think>a</think><think>b</think>B": 0.0,  # several blocks
-        "<think>a<think>b</think>c</think>B": 0.0,  # nested
-    }
-    assert fmt(completions=list(cases)) == list(cases.values())
+    assert fmt(completions=list(FORMAT_CASES), options=[OPTS] * len(FORMAT_CASES)) == list(FORMAT_CASES.values())
 
 
-def test_reward_names_drive_trl_metric_names():
-    assert resolve_reward("accuracy").__name__ == "accuracy"
+def test_cosine_length_is_in_tokens_bounded_and_shapes_correct_vs_wrong(tokenizer):
+    fn = resolve_reward("cosine_length", {"max_len": 100}, tokenizer)
+    ids = [[0] * n for n in (0, 50, 100, 400)]
+    right = fn(completions=[GOOD] * 4, answer=["C"] * 4, options=[OPTS] * 4, completion_ids=ids)
+    wrong = fn(completions=[GOOD] * 4, answer=["B"] * 4, options=[OPTS] * 4, completion_ids=ids)
+    assert right[0] == pytest.approx(1.0) and right[1] == pytest.approx(0.75) and right[2] == pytest.approx(0.5)
+    assert right[3] == pytest.approx(0.5)  # beyond max_len: clipped, never out of range
+    assert wrong[0] == pytest.approx(-0.5) and wrong[2] == pytest.approx(0.0) and wrong[3] == pytest.approx(0.0)
+    assert right == sorted(right, reverse=True) and wrong == sorted(wrong)  # shorter correct, longer wrong favoured
+    # Ill-formed completions cannot collect it: they get the floor of the range.
+    bare = fn(completions=["The answer is C"], answer=["C"], options=[OPTS], completion_ids=[[0]])
+    assert bare == [-0.5]
+    assert fn(completions=[GOOD], answer=["Z"], options=[OPTS], completion_ids=[[0]]) == [None]
+    # Without completion_ids it counts tokens with the tokenizer, not characters.
+    n_tokens = len(tokenizer(GOOD, add_special_tokens=False)["input_ids"])
+    assert fn(completions=[GOOD], answer=["C"], options=[OPTS]) == fn(
+        completions=[GOOD], answer=["C"], options=[OPTS], completion_ids=[[0] * n_tokens])
+
+
+@pytest.mark.parametrize("params", [{"max_len": 7}, {"max_len": 3000, "min_value_wrong": -2, "max_value_correct": 3}])
+def test_cosine_length_output_always_within_its_bounds(params):
+    fn = resolve_reward("cosine_length", params)
+    bounds = [params.get("min_value_wrong", -0.5), params.get("max_value_correct", 1.0)]
+    for n in range(0, 4000, 37):
+        for gold in ("C", "B"):
+            v = fn(completions=[GOOD], answer=[gold], options=[OPTS], completion_ids=[[0] * n])[0]
+            assert bounds[0] - 1e-9 <= v <= bounds[1] + 1e-9
+
+
+def test_repetition_penalty():
+    fn = resolve_reward("repetition", {"ngram_size": 3, "max_penalty": -1.0})
+    padded = "<think>\n" + "check the findings again " * 30 + "\n</think>\nThe answer is C."
+    got = fn(completions=[GOOD, padded, "The answer is C"], options=[OPTS] * 3)
+    assert got[0] == 0.0 and -1.0 <= got[1] < -0.8 and got[2] == -1.0
+
+
+def test_clinical_structure():
+    fn = resolve_reward("clinical_structure")
+    plain = "<think>it is that one</think>\nThe answer is C."
+    echo = f"<think>{ITEM.question}</think>\nThe answer is C."
+    got = fn(completions=[honest(ITEM), plain, echo, "The answer is C"], options=[OPTS] * 4,
+             prompts=[[{"role": "user", "content": ITEM.question}]] * 4)
+    assert got[0] == 1.0 and got[1] == 0.0 and got[2] == 0.0 and got[3] == 0.0
+    assert all(0.0 <= v <= 1.0 for v in got)
+
+
+def test_overlong():
+    fn = resolve_reward("overlong", {"cache": 10}, max_completion_length=100)
+    got = fn(completions=["x"] * 5, completion_ids=[[0] * n for n in (50, 90, 95, 100, 130)])
+    assert got == [0.0, 0.0, -0.5, -1.0, -1.0]
+
+
+def test_bad_parameters_are_rejected():
+    with pytest.raises(TypeError):
+        resolve_reward("accuracy", {"scale": 2})
+    with pytest.raises(ValueError):
+        resolve_reward("overlong", {"cache": 500}, max_completion_length=256)
+
+
+def test_registry_and_metric_names():
+    assert set(REWARDS) == {"accuracy", "format", "cosine_length", "repetition", "clinical_structure", "overlong"}
     assert resolve_reward("format").__name__ == "format"
+
+
+def test_every_hack_fails_format_or_is_outscored(tokenizer):
+    recipe = load_recipe("demo")
+    rs = RewardSet.from_recipe(recipe, tokenizer)
+    named = {"honest": honest(ITEM), **hacks(ITEM)}
+    scored = rs.score(list(named.values()), answer=["C"] * len(named), options=[OPTS] * len(named),
+                      prompts=[ITEM.question] * len(named))
+    totals = dict(zip(named, (s["total"] for s in scored)))
+    assert all(totals[h] < totals["honest"] for h in named if h != "honest"), totals
+    assert parse(named["honest"], list(OPTS), OPTS).well_formed
+    assert all(math.isfinite(t) for t in totals.values())
+
+
+@pytest.mark.parametrize("name", ["demo", "gazal-r1-32b"])
+def test_audit_passes_for_shipped_recipes(name, capsys):
+    assert main(["rewards", "audit", "--config", name, "model.name_or_path=gazal:tiny-qwen3"]) == 0
+    assert " 0 failed" in capsys.readouterr().out
+
+
+def test_audit_fails_for_an_accuracy_only_reward(tokenizer, capsys):
+    args = ["rewards", "audit", "--config", "demo", "model.name_or_path=gazal:tiny-qwen3",
+            "grpo.rewards=[{name: accuracy}]"]
+    assert main(args) == 1
+    assert "GAMES THE REWARD" in capsys.readouterr().out
+
+
+def test_rewards_score_cli(tmp_path, capsys):
+    lines = [{"completion": GOOD, "answer": "C", "options": OPTS, "question": ITEM.question},
+             {"completion": "The answer is C", "answer": "C", "options": OPTS},
+             {"completion": "<think>r</think>\nThe answer is no", "answer": "no", "labels": ["yes", "no", "maybe"]}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "scored.jsonl"
+    assert main(["rewards", "score", str(path), "--out", str(out), "--config", "demo",
+                 "model.name_or_path=gazal:tiny-qwen3"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0]["rewards"]["accuracy"] == 1.0 and rows[0]["rewards"]["format"] == 1.0
+    assert rows[1]["rewards"]["format"] == 0.0 and rows[0]["total"] > rows[1]["total"]
+    weights = {s.name: s.weight for s in load_recipe("demo").grpo.rewards}
+    assert rows[0]["total"] == pytest.approx(sum(weights[k] * v for k, v in rows[0]["rewards"].items()))
+    assert "cosine_length" in capsys.readouterr().out
+    path.write_text(json.dumps({"completion": "x", "answer": "C"}) + "\n")
+    assert main(["rewards", "score", str(path), "--config", "demo", "model.name_or_path=gazal:tiny-qwen3"]) == 2

@@ -69,21 +69,47 @@ def _clean(text: str) -> str:
     return " ".join(_MARKUP.sub(" ", text).split())
 
 
-def _statements(text: str, labels: Sequence[str], lettered: bool) -> list[tuple[int, str]]:
-    """Explicit answer statements as (position, the text that states the answer)."""
-    found: list[tuple[int, str]] = []
+def _line_end(text: str, pos: int) -> int:
+    end = text.find("\n", pos)
+    return len(text) if end < 0 else end
+
+
+def _statements(text: str, labels: Sequence[str], lettered: bool) -> list[tuple[int, int, str]]:
+    """Explicit answer statements as (start, end of its line, the text that states the answer)."""
+    found: list[tuple[int, int, str]] = []
     for m in _STATEMENT.finditer(text):
-        rest = text[m.end():].split("\n", 1)[0]
-        found.append((m.start(), rest))
+        end = _line_end(text, m.end())
+        found.append((m.start(), end, text[m.end():end]))
     for m in _BOXED.finditer(text):
-        found.append((m.start(), m.group(1)))
+        found.append((m.start(), _line_end(text, m.end()), m.group(1)))
     # A line that holds only a label (with brackets, bold or a full stop around it).
     alt = "|".join(re.escape(lab) for lab in labels) if not lettered else "[A-Z]"
     flags = re.IGNORECASE if not lettered else 0
     line_only = re.compile(rf"^[ \t*_(\[]*({alt})[ \t*_)\].:]*$", re.MULTILINE | flags)
     for m in line_only.finditer(text):
-        found.append((m.start(), m.group(1)))
-    return sorted(found, key=lambda pair: pair[0])
+        found.append((m.start(), m.end(), m.group(1)))
+    return sorted(found, key=lambda t: t[0])
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One explicit answer statement in the text after the reasoning."""
+
+    start: int
+    end: int
+    extraction: Extraction
+
+
+def answer_statements(
+    answer_text: str, labels: Sequence[str], options: Mapping[str, str] | None = None
+) -> list[Statement]:
+    """Every explicit answer statement in `answer_text` (the part after </think>), read in order.
+
+    The format reward uses this to demand exactly one clean final statement.
+    """
+    lettered = all(len(lab) == 1 and lab.isupper() for lab in labels)
+    return [Statement(a, b, _read_statement(span, labels, options, lettered))
+            for a, b, span in _statements(answer_text, labels, lettered)]
 
 
 def _read_statement(
@@ -168,7 +194,7 @@ def extract_answer(
     statements = _statements(text, labels, lettered)
     if statements:
         # The last explicit statement is the model's final word (a revised answer wins).
-        return _read_statement(statements[-1][1], labels, options, lettered)
+        return _read_statement(statements[-1][2], labels, options, lettered)
     # No explicit statement: read the last non-empty line as the answer.
     last = [line for line in text.splitlines() if line.strip()][-1]
     return _read_statement(last, labels, options, lettered)

@@ -39,7 +39,49 @@ def _parser() -> argparse.ArgumentParser:
                        "options (letter -> text) or labels (e.g. [\"yes\", \"no\", \"maybe\"]).")
     p.add_argument("predictions", type=Path, metavar="PREDICTIONS.jsonl")
     p.add_argument("--out", type=Path, default=None, help="scored lines (default: PREDICTIONS.scored.jsonl)")
+    p = sub.add_parser("rewards", help="score completions with a recipe's reward, or audit it against reward hacking")
+    rsub = p.add_subparsers(dest="rewards_command", required=True, metavar="ACTION")
+    r = rsub.add_parser("score", help="score completions (completion, answer, options or labels[, prompt]) per component")
+    r.add_argument("completions", type=Path, metavar="FILE.jsonl")
+    r.add_argument("--out", type=Path, default=None, help="write each line with `rewards` and `total`")
+    r.add_argument("--config", "-c", default="demo", metavar="RECIPE")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    r = rsub.add_parser("audit", help="gaming completions vs honest ones; exit 1 if any hack scores >= honest")
+    r.add_argument("--config", "-c", default="demo", metavar="RECIPE")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return parser
+
+
+def _rewards(args: argparse.Namespace) -> int:
+    import json
+
+    from gazal import audit, config
+
+    recipe = config.load_recipe(args.config, args.overrides)
+    tokenizer = audit.reward_tokenizer(recipe)
+    if args.rewards_command == "audit":
+        rows = audit.run_audit(recipe, tokenizer)
+        print(f"{'question':<12} {'hack':<28} {'hack':>8} {'honest':>8}  verdict")
+        for r in rows:
+            print(f"{r.question:<12} {r.hack:<28} {r.hack_total:>8.3f} {r.honest_total:>8.3f}  "
+                  f"{'ok' if r.passed else 'GAMES THE REWARD'}")
+        failed = sum(not r.passed for r in rows)
+        print(f"{len(rows) - failed} passed, {failed} failed")
+        return 1 if failed else 0
+    rows = audit.score_file(recipe, args.completions, tokenizer)
+    names = list(rows[0]["rewards"]) if rows else []
+    print(f"{'component':<20} {'mean':>8} {'min':>8} {'max':>8} {'skipped':>8}")
+    for name in names + ["total"]:
+        vals = [r["rewards"][name] if name != "total" else r["total"] for r in rows]
+        got = [v for v in vals if v is not None]
+        if got:
+            print(f"{name:<20} {sum(got) / len(got):>8.3f} {min(got):>8.3f} {max(got):>8.3f} {len(vals) - len(got):>8}")
+    if args.out:
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(args.out)
+        print(f"wrote {len(rows)} lines to {args.out}")
+    return 0
 
 
 def _run_stage(name: str, recipe, run_dir: Path) -> None:
@@ -58,6 +100,9 @@ def _run_stage(name: str, recipe, run_dir: Path) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from gazal import config, rundir
+
+    if args.command == "rewards":
+        return _rewards(args)
 
     if args.command == "score":
         from gazal.scoring import score_file
@@ -114,7 +159,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gazal` command."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may sit anywhere on the line (argparse stops collecting a positional list at the
+    # first option when a command has two positionals), so stray key=value words join them.
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if w.startswith("-") or "=" not in w]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=os.environ.get("GAZAL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

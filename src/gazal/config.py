@@ -171,6 +171,8 @@ class GRPOSettings(_Section):
     """Log metrics every this many steps."""
     lora: LoraSettings = Field(default_factory=LoraSettings)
     """The adapter trained in this stage, on top of the merged SFT model."""
+    skip_reward_audit: bool = False
+    """Start training even if `gazal rewards audit` finds a completion that games the reward."""
     rewards: list[RewardSpec] = Field(
         default_factory=lambda: [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.5)]
     )
@@ -372,7 +374,7 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
 
     for i, spec in enumerate(recipe.grpo.rewards):
         try:
-            resolve_reward(spec.name, spec.params)
+            resolve_reward(spec.name, spec.params, max_completion_length=recipe.grpo.max_completion_length)
         except (GazalError, TypeError, ValueError) as exc:
             raise GazalError(f"{where('grpo', 'rewards', str(i))}: grpo.rewards.{i} ({spec.name}): {exc}") from None
     if recipe.eval.num_samples > 1 and recipe.eval.temperature == 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from gazal import rundir
+from gazal import audit, rundir
 from gazal.adapters import lora_config
 from gazal.config import Recipe
 from gazal.data import load_grpo_items
@@ -32,10 +32,10 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
          for it in items]
     )
     log.info("grpo: %d questions from %s", len(dataset), recipe.data.grpo)
-    reward_funcs = [resolve_reward(spec.name, spec.params) for spec in cfg.rewards]
-
     base = rundir.model_for(run_dir, "grpo", recipe)
     tokenizer = load_tokenizer(base, recipe.model.revision, recipe.model.trust_remote_code)
+    audit.check_or_refuse(recipe, tokenizer)  # before loading weights: a gameable reward stops here
+    reward_funcs = [resolve_reward(s.name, s.params, tokenizer, cfg.max_completion_length) for s in cfg.rewards]
     model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
 
     args = GRPOConfig(
