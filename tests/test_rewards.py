@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from gazal.audit import hacks, honest, run_audit
+from gazal.audit import hacks, honest
 from gazal.cli import main
 from gazal.config import load_recipe
 from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model

@@ -1,0 +1,56 @@
+"""Reward throughput: completions scored per second by a recipe's reward, side by side with accuracy alone.
+
+    python bench/reward_scoring.py [--config demo] [--n 10000]
+
+Completions are realistic: honest structured reasoning plus the audit's gaming variants, over the
+bundled GRPO questions, with token ids precomputed as TRL passes them to reward functions. Prints
+completions/s for the full reward set and for the accuracy reward alone, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+from gazal.audit import hacks, honest, reward_tokenizer
+from gazal.config import load_recipe
+from gazal.data import load_grpo_items
+from gazal.rewards import RewardSet, resolve_reward
+from gazal.tasks import messages
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="demo")
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--batch", type=int, default=64, help="completions per reward call (TRL calls per batch)")
+    args = p.parse_args()
+    recipe = load_recipe(args.config)
+    tokenizer = reward_tokenizer(recipe)
+    items = load_grpo_items(recipe.data.grpo)
+    pool = []
+    for item in items:
+        for text in [honest(item), *hacks(item).values()]:
+            pool.append((item, text, tokenizer(text, add_special_tokens=False)["input_ids"]))
+    rows = list(itertools.islice(itertools.cycle(pool), args.n))
+    full = RewardSet.from_recipe(recipe, tokenizer)
+    accuracy = RewardSet(["accuracy"], [1.0], [resolve_reward("accuracy")])
+    rates = {}
+    for name, rs in (("accuracy only", accuracy), (f"{args.config} reward", full)):
+        start = time.perf_counter()
+        for i in range(0, len(rows), args.batch):
+            batch = rows[i:i + args.batch]
+            rs.score([t for _, t, _ in batch], answer=[it.answer for it, _, _ in batch],
+                     options=[it.options for it, _, _ in batch], prompts=[messages(it, recipe.task) for it, _, _ in batch],
+                     completion_ids=[ids for _, _, ids in batch])
+        rates[name] = len(rows) / (time.perf_counter() - start)
+    for name, rate in rates.items():
+        print(f"{name:<20} {rate:>10.0f} completions/s  ({len(rows)} completions)")
+    names = list(rates)
+    print(f"full / accuracy-only throughput: {rates[names[1]] / rates[names[0]]:.2f}x "
+          f"({len(full.names)} components: {', '.join(full.names)})")
+
+
+if __name__ == "__main__":
+    main()
