@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 
 from gazal.config import LoraSettings
 
@@ -63,3 +66,23 @@ def save_adapter_and_merged(model, tokenizer, folder: Path) -> None:
     merged.save_pretrained(folder / "merged")
     tokenizer.save_pretrained(folder / "merged")
     log.info("saved adapter and merged model under %s", folder)
+
+
+@contextmanager
+def merged_adapter(model: PeftModel) -> Iterator[PeftModel]:
+    """Run the block with the adapter merged into the base weights (plain-model speed).
+
+    On exit the adapter is unmerged and the base weights are restored from an exact copy, so
+    merge/unmerge round-off never accumulates in frozen weights however many times this runs.
+    Costs one copy of the adapted weights while inside.
+    """
+    bases = [m.base_layer.weight for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [w.detach().clone() for w in bases]
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for w, original in zip(bases, saved):
+                w.copy_(original)

@@ -171,6 +171,9 @@ class GRPOSettings(_Section):
     """Log metrics every this many steps."""
     lora: LoraSettings = Field(default_factory=LoraSettings)
     """The adapter trained in this stage, on top of the merged SFT model."""
+    merged_rollouts: bool = True
+    """Generate rollouts with the adapter merged into the weights (base-model speed; DoRA through
+    PEFT generates several times slower). False: TRL's default, generating through the adapter."""
     skip_reward_audit: bool = False
     """Start training even if `gazal rewards audit` finds a completion that games the reward."""
     rewards: list[RewardSpec] = Field(

@@ -6,10 +6,11 @@ import logging
 from pathlib import Path
 
 from datasets import Dataset
+from peft import PeftModel
 from trl import GRPOConfig, GRPOTrainer
 
 from gazal import audit, rundir
-from gazal.adapters import lora_config
+from gazal.adapters import lora_config, merged_adapter
 from gazal.config import Recipe
 from gazal.data import load_grpo_items
 from gazal.models import load_model, load_tokenizer
@@ -19,6 +20,23 @@ from gazal.tasks import messages
 from gazal.training import common_args, train_and_save
 
 log = logging.getLogger(__name__)
+
+
+class MergedRolloutGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose transformers rollouts run on merged weights.
+
+    PEFT computes DoRA's weight norm in every forward, so generating through the adapter is several
+    times slower than through the base model. Before each rollout the adapter is merged into the
+    base weights for the rollout and taken out again afterwards (see `merged_adapter`). vLLM
+    rollouts are untouched (TRL syncs merged weights to vLLM itself).
+    """
+
+    def _generate_single_turn(self, *args, **kwargs):
+        model = self.accelerator.unwrap_model(self.model)
+        if self.use_vllm or not isinstance(model, PeftModel):
+            return super()._generate_single_turn(*args, **kwargs)
+        with merged_adapter(model):
+            return super()._generate_single_turn(*args, **kwargs)
 
 
 def main(recipe: Recipe, run_dir: Path) -> dict:
@@ -53,7 +71,8 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         num_iterations=cfg.num_iterations,
         reward_weights=[spec.weight for spec in cfg.rewards],
     )
-    trainer = GRPOTrainer(
+    trainer_class = MergedRolloutGRPOTrainer if cfg.merged_rollouts else GRPOTrainer
+    trainer = trainer_class(
         model=model,
         reward_funcs=reward_funcs,
         args=args,
