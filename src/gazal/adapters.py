@@ -58,13 +58,53 @@ class ParamSnapshot:
         }
 
 
-def save_adapter_and_merged(model, tokenizer, folder: Path) -> None:
-    """Save the adapter to folder/adapter and the merged model to folder/merged."""
+def upcast_dora_magnitudes(model: torch.nn.Module) -> int:
+    """Keep DoRA magnitude vectors in float32 whatever the model's dtype; returns how many were cast.
+
+    A magnitude is ~1 per feature while its updates are ~lr * grad: in bfloat16 (8 bits of mantissa)
+    they round away and the vector silently stops learning (TRL #7268). PEFT autocasts adapters to
+    float32 by default, but TRL turns that off under ZeRO-3 and casts adapters for quantised bases,
+    so the guarantee is enforced here after the trainer has built the model. Under ZeRO-3 the
+    optimizer keeps float32 master weights, which protects the updates the same way.
+    """
+    cast = 0
+    for name, param in model.named_parameters():
+        if "lora_magnitude_vector" in name and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    if cast:
+        log.info("kept %d DoRA magnitude vectors in float32", cast)
+    return cast
+
+
+def model_card(summary: dict, adapter: bool) -> str:
+    """A Hugging Face model card (README.md) for a saved adapter or merged model."""
+    base = summary.get("base_model", "")
+    lines = ["---", f"base_model: {base}" if not base.startswith(("/", ".")) else "base_model: null",
+             *(["library_name: peft"] if adapter else []),
+             "tags: [gazal, medical, reasoning, dora, rslora]", "---", "",
+             f"# {'DoRA + rsLoRA adapter' if adapter else 'Merged model'} trained with Gazal", "",
+             f"Started from `{base}`. Trained by Gazal's recipe (the resolved recipe is `recipe.yaml` in the "
+             "stage folder of the run directory).", "",
+             "| field | value |", "|---|---|"]
+    for key in ("examples", "validation_examples", "dropped_overlong", "questions", "steps", "train_loss",
+                "eval_loss", "seconds", "resumed_from"):
+        if summary.get(key) is not None:
+            lines.append(f"| {key} | {summary[key]} |")
+    lines += ["", "Reasoning is written inside `<think>...</think>`, then the final answer.", ""]
+    return "\n".join(lines)
+
+
+def save_adapter_and_merged(model, tokenizer, folder: Path, summary: dict | None = None) -> None:
+    """Save the adapter to folder/adapter and the merged model to folder/merged, each with a model card."""
     model.save_pretrained(folder / "adapter")
     tokenizer.save_pretrained(folder / "adapter")
     merged = model.merge_and_unload()
     merged.save_pretrained(folder / "merged")
     tokenizer.save_pretrained(folder / "merged")
+    if summary is not None:
+        (folder / "adapter" / "README.md").write_text(model_card(summary, adapter=True), encoding="utf-8")
+        (folder / "merged" / "README.md").write_text(model_card(summary, adapter=False), encoding="utf-8")
     log.info("saved adapter and merged model under %s", folder)
 
 

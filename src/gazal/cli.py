@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
                            help="run directory to use (default: a new one; for report: the recipe's newest)")
         else:
             p.add_argument("--explain", action="store_true", help="list every recipe key with its documentation")
+        if name in ("run", "sft", "grpo"):
+            p.add_argument("--resume", action="store_true",
+                           help="continue an unfinished training stage from its newest checkpoint in --run-dir")
+        else:
+            p.set_defaults(resume=False)
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. sft.learning_rate=1e-4")
     p = sub.add_parser("score", help=SCORE_HELP, description=SCORE_HELP + ". Each line: id, completion, answer, and "
                        "options (letter -> text) or labels (e.g. [\"yes\", \"no\", \"maybe\"]).")
@@ -84,7 +89,7 @@ def _rewards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_stage(name: str, recipe, run_dir: Path) -> None:
+def _run_stage(name: str, recipe, run_dir: Path, resume: bool = False) -> None:
     # Imported here: `gazal validate` and `gazal --help` stay fast without loading torch/TRL.
     if name == "sft":
         from gazal import sft as stage
@@ -94,7 +99,10 @@ def _run_stage(name: str, recipe, run_dir: Path) -> None:
         from gazal import evaluate as stage
     start = time.time()
     print(f"==> {name}", flush=True)
-    stage.main(recipe, run_dir)
+    if name == "eval":
+        stage.main(recipe, run_dir)
+    else:
+        stage.main(recipe, run_dir, resume=resume)
     print(f"<== {name} finished in {time.time() - start:.0f}s", flush=True)
 
 
@@ -133,6 +141,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.config}: valid recipe '{recipe.name}'")
         return 0
 
+    resume = args.resume
+    if resume and args.run_dir is None:
+        raise GazalError("--resume needs --run-dir: the run directory whose checkpoints to continue from")
+    if rundir.distributed() and args.run_dir is None:
+        # Each process would stamp its own new directory; they must agree on one.
+        raise GazalError("under accelerate launch / torchrun, pass --run-dir so every process uses the same run directory")
     run_dir = args.run_dir or rundir.new_run_dir(recipe)
     rundir.prepare(run_dir, recipe)
     print(f"run directory: {run_dir}", flush=True)
@@ -142,14 +156,18 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"--- {name}: disabled in the recipe")
             elif rundir.is_done(run_dir, name):
                 print(f"--- {name}: already finished in {run_dir}, skipping")
+            elif name == "eval" and not rundir.is_main_process():
+                continue  # evaluation runs once, in the main process
             else:
-                _run_stage(name, recipe, run_dir)
+                _run_stage(name, recipe, run_dir, resume and (run_dir / name / "checkpoints").is_dir())
+        if not rundir.is_main_process():
+            return 0
         from gazal import report
 
         path = report.main(run_dir)
         print(path.read_text(encoding="utf-8"))
     else:
-        _run_stage(args.command, recipe, run_dir)
+        _run_stage(args.command, recipe, run_dir, resume)
         if args.command == "eval":
             from gazal import report
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gazal.errors import GazalError
 
@@ -71,17 +71,60 @@ class TaskSettings(_Section):
     """Instruction appended after a yes/no/maybe question (PubMedQA)."""
 
 
+class SFTSource(_Section):
+    """One source of SFT examples; several sources with weights make a mixture."""
+
+    path: str
+    """'seed:sft', a local .jsonl/.json/.parquet file, or a hub dataset id such as
+    'TachyHealth/structured_medical'."""
+    config: str | None = None
+    """Hub dataset configuration (subset) name."""
+    split: str = "train"
+    """Hub dataset split."""
+    revision: str | None = None
+    """Hub dataset revision (branch, tag or commit) to pin."""
+    weight: float = Field(1.0, gt=0)
+    """Share of this source in the mixture: 1 uses every row once, 0.25 a seeded random quarter,
+    2.5 every row twice plus a random half."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Gazal field -> this source's column, for fields named differently here: case, reasoning,
+    answer, or messages (chat rows whose last turn is the assistant's)."""
+    limit: int | None = Field(None, gt=0)
+    """Use at most the first N rows of this source (before weighting)."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - {"case", "reasoning", "answer", "messages"})
+        if unknown:
+            raise ValueError(f"unknown Gazal field(s) {unknown}; map case, reasoning, answer or messages")
+        return value
+
+
 class DataSettings(_Section):
     """Training data. 'seed:sft' and 'seed:grpo' are the examples bundled with Gazal."""
 
-    sft: str = "seed:sft"
-    """SFT examples: a JSONL file of {case, reasoning, answer} rows, or 'seed:sft'."""
+    sft: list[SFTSource] = Field(default_factory=lambda: [SFTSource(path="seed:sft")])
+    """SFT sources: a path or hub id, or a list of sources with weights and column mappings. Rows are
+    {case, reasoning, answer} or chat {messages}."""
     grpo: str = "seed:grpo"
     """GRPO questions: a JSONL file of {question, options, answer} rows, or 'seed:grpo'."""
     sft_limit: int | None = Field(None, gt=0)
-    """Use at most this many SFT examples (None: all)."""
+    """Use at most this many SFT examples after mixing (None: all)."""
     grpo_limit: int | None = Field(None, gt=0)
     """Use at most this many GRPO questions (None: all)."""
+    sft_validation_fraction: float = Field(0.0, ge=0, lt=1)
+    """Fraction of the SFT mixture held out for evaluation loss during training (0: none)."""
+
+    @field_validator("sft", mode="before")
+    @classmethod
+    def _one_source(cls, value: Any) -> Any:
+        # A bare string is the common case: one source, every row once.
+        if isinstance(value, str):
+            return [{"path": value}]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
 
 
 class SFTSettings(_Section):
@@ -113,6 +156,20 @@ class SFTSettings(_Section):
     """Mixed precision in bfloat16 (GPUs)."""
     logging_steps: int = Field(1, gt=0)
     """Log metrics every this many steps."""
+    save_steps: int = Field(50, ge=0)
+    """Write a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every this
+    many steps; 0: none. `--resume` continues from the newest one."""
+    save_total_limit: int | None = Field(2, gt=0)
+    """Keep only the newest N checkpoints (None: all)."""
+    eval_steps: int | None = Field(None, gt=0)
+    """Evaluation loss on the held-out split every this many steps (None: once per epoch)."""
+    packing: bool = False
+    """Pack several examples into each max_length row (TRL best-fit packing, padding-free): no
+    compute is spent on padding. Examples never attend across their boundaries."""
+    padding_free: bool = False
+    """Concatenate a batch without padding (position ids mark example boundaries); implied by packing."""
+    use_liger_kernel: bool = False
+    """Liger Triton kernels (fused cross-entropy etc.) on GPUs; needs the gpu extra."""
     lora: LoraSettings = Field(default_factory=LoraSettings)
     """The adapter trained in this stage."""
 
@@ -169,6 +226,10 @@ class GRPOSettings(_Section):
     """Mixed precision in bfloat16 (GPUs)."""
     logging_steps: int = Field(1, gt=0)
     """Log metrics every this many steps."""
+    save_steps: int = Field(50, ge=0)
+    """Write a resumable checkpoint every this many steps; 0: none. `--resume` continues from the newest."""
+    save_total_limit: int | None = Field(2, gt=0)
+    """Keep only the newest N checkpoints (None: all)."""
     lora: LoraSettings = Field(default_factory=LoraSettings)
     """The adapter trained in this stage, on top of the merged SFT model."""
     merged_rollouts: bool = True
@@ -361,15 +422,20 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
     lines = lines or {}
 
     def where(*key: str) -> str:
-        return f"{source}:{lines[key]}" if key in lines else source
+        # The nearest key that has a line: 'data.sft.0' written as a bare string sits on 'data.sft'.
+        for n in range(len(key), 0, -1):
+            if key[:n] in lines:
+                return f"{source}:{lines[key[:n]]}"
+        return source
 
-    for key in ("sft", "grpo"):
-        value = getattr(recipe.data, key)
+    paths = [(("data", "grpo"), recipe.data.grpo)]
+    paths += [(("data", "sft", str(i)), src.path) for i, src in enumerate(recipe.data.sft)]
+    for key, value in paths:
         if value.startswith("seed:"):
             continue
         looks_local = value.endswith((".jsonl", ".json", ".parquet")) or value.startswith((".", "/", "~"))
         if looks_local and not Path(value).expanduser().is_file():
-            raise GazalError(f"{where('data', key)}: data.{key}: file not found: {value}")
+            raise GazalError(f"{where(*key)}: {'.'.join(key)}: file not found: {value}")
     bdir = recipe.eval.benchmarks_dir
     if bdir is not None and not Path(bdir).expanduser().is_dir():
         raise GazalError(f"{where('eval', 'benchmarks_dir')}: eval.benchmarks_dir: directory not found: {bdir}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -94,16 +95,124 @@ def _resolve(spec: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def load_sft_rows(spec: str, limit: int | None = None) -> list[dict[str, str]]:
-    """SFT rows {case, reasoning, answer} from a seed set, a JSONL file, or a hub dataset."""
-    path = _resolve(spec)
-    rows: list[dict[str, str]] = []
+# Hub datasets known by name, with the column names they use for Gazal's fields.
+HUB_SFT_PRESETS: dict[str, dict[str, str]] = {
+    # Gazal-R1's SFT set: case, reasoning and answer columns, as Gazal's own shape.
+    "TachyHealth/structured_medical": {"case": "case", "reasoning": "reasoning", "answer": "answer"},
+}
+SFT_FIELDS = ("case", "reasoning", "answer")
+_ROLES = {"system", "user", "assistant"}
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for each row of a local .jsonl, .json (array or lines) or .parquet file."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise GazalError(f"{path}: not a readable parquet file ({exc})") from None
+        if not rows:
+            raise GazalError(f"{path}: file is empty")
+        for i, row in enumerate(rows):
+            yield f"{path}: row {i}", row
+        return
+    if path.suffix == ".json" and path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise GazalError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not rows:
+                raise GazalError(f"{path}: file is empty")
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise GazalError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
+                yield f"{path}: item {i}", row
+            return
+    for lineno, row in read_jsonl(path):
+        yield f"{path}:{lineno}", row
+
+
+def _messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise GazalError(f"{where}: field '{field}' must be a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise GazalError(f"{where}: field '{field}.{i}' must be {{role: system|user|assistant, content: string}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "assistant" or not out[-1]["content"].strip():
+        raise GazalError(f"{where}: field '{field}': the last message must be a non-empty assistant turn")
+    if not any(m["role"] == "user" for m in out):
+        raise GazalError(f"{where}: field '{field}': no user message")
+    return out
+
+
+def sft_example(row: dict[str, Any], where: str, columns: dict[str, str] | None = None) -> dict[str, Any]:
+    """One SFT row -> {case, reasoning, answer} or {messages}, with `where` for later messages.
+
+    columns maps Gazal's field names to the row's; a row with the (mapped) messages column and
+    none of the case column is a chat row.
+    """
+    columns = columns or {}
+    msg_col = columns.get("messages", "messages")
+    case_col = columns.get("case", "case")
+    if msg_col in row and case_col not in row:
+        return {"messages": _messages(row[msg_col], where, msg_col), "where": where}
+    out = {k: require_str(row, columns.get(k, k), where) for k in SFT_FIELDS}
+    return {**out, "where": where}
+
+
+def _source_rows(source) -> list[dict[str, Any]]:
+    """Validated SFT examples of one recipe source (gazal.config.SFTSource)."""
+    columns = {**HUB_SFT_PRESETS.get(source.path, {}), **source.columns}
+    path = _resolve(source.path)
     if path is not None:
-        for lineno, row in read_jsonl(path):
-            where = f"{path}:{lineno}"
-            rows.append({k: require_str(row, k, where) for k in ("case", "reasoning", "answer")})
+        rows = [sft_example(row, where, columns) for where, row in read_rows(path)]
     else:
-        rows = [dict(r) for r in _hub_rows(spec, ("case", "reasoning", "answer"))]
+        hub = _hub_dataset(source.path, source.config, source.split, source.revision)
+        rows = [sft_example(row, f"{source.path}[{i}]", columns) for i, row in enumerate(hub)]
+    return rows[:source.limit] if source.limit else rows
+
+
+def load_sft_mixture(sources, seed: int = 42, limit: int | None = None,
+                     validation_fraction: float = 0.0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and validation examples from weighted sources (gazal.config.SFTSource).
+
+    Each source is split before weighting, so an upsampled row can never sit on both sides. A
+    weight w uses every row floor(w) times plus a seeded random fraction w - floor(w) of them.
+    """
+    rng = random.Random(seed)
+    train: list[dict[str, Any]] = []
+    validation: list[dict[str, Any]] = []
+    for source in sources:
+        rows = _source_rows(source)
+        rng.shuffle(rows)
+        n_val = round(len(rows) * validation_fraction)
+        if validation_fraction and n_val == 0 and len(rows) > 1:
+            n_val = 1
+        validation += rows[:n_val]
+        rows = rows[n_val:]
+        whole = int(source.weight)
+        train += rows * whole + rng.sample(rows, round((source.weight - whole) * len(rows)))
+        log.info("sft source %s: %d rows, weight %g, %d held out", source.path, len(rows) + n_val, source.weight, n_val)
+    rng.shuffle(train)
+    if limit:
+        train = train[:limit]
+    if not train:
+        raise GazalError("data.sft: the mixture has no training rows")
+    return train, validation
+
+
+def load_sft_rows(spec: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """SFT examples of one source (a seed set, a local file, or a hub dataset), in file order."""
+    from gazal.config import SFTSource
+
+    rows = _source_rows(SFTSource(path=spec))
     return rows[:limit] if limit else rows
 
 
@@ -117,14 +226,19 @@ def load_grpo_items(spec: str, limit: int | None = None) -> list[Item]:
     return items[:limit] if limit else items
 
 
-def _hub_rows(name: str, columns: tuple[str, ...]) -> list[dict]:
-    """Rows of a hub dataset's train split; fails plainly when the hub cannot be reached."""
+def _hub_dataset(name: str, config: str | None = None, split: str = "train", revision: str | None = None):
+    """A hub dataset split; fails plainly when the hub cannot be reached."""
     from datasets import load_dataset
 
     try:
-        ds = load_dataset(name, split="train")
+        return load_dataset(name, config, split=split, revision=revision)
     except Exception as exc:  # network, auth, missing repo: all mean "cannot load this source"
         raise GazalError(f"{name}: not a local file and could not be loaded from the hub ({type(exc).__name__}: {exc})") from None
+
+
+def _hub_rows(name: str, columns: tuple[str, ...]) -> list[dict]:
+    """Rows of a hub dataset's train split that must have `columns`."""
+    ds = _hub_dataset(name)
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise GazalError(f"{name}: hub dataset lacks column(s) {', '.join(missing)} (has {', '.join(ds.column_names)})")

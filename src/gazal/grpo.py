@@ -10,14 +10,14 @@ from peft import PeftModel
 from trl import GRPOConfig, GRPOTrainer
 
 from gazal import audit, rundir
-from gazal.adapters import lora_config, merged_adapter
+from gazal.adapters import lora_config, merged_adapter, upcast_dora_magnitudes
 from gazal.config import Recipe
 from gazal.data import load_grpo_items
 from gazal.models import load_model, load_tokenizer
 from gazal.monitor import JsonlMetrics
 from gazal.rewards import resolve_reward
 from gazal.tasks import messages
-from gazal.training import common_args, train_and_save
+from gazal.training import common_args, resume_checkpoint, train_and_save
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ class MergedRolloutGRPOTrainer(GRPOTrainer):
             return super()._generate_single_turn(*args, **kwargs)
 
 
-def main(recipe: Recipe, run_dir: Path) -> dict:
+def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     """Train the GRPO adapter; write adapter, merged model, metrics and summary under run_dir/grpo."""
-    out = rundir.start_stage(run_dir, "grpo", recipe)
+    out = rundir.start_stage(run_dir, "grpo", recipe, keep=rundir.RESUMABLE if resume else ())
     cfg = recipe.grpo
     items = load_grpo_items(recipe.data.grpo, recipe.data.grpo_limit)
     # The dataset's extra columns (answer, options, labels) reach every reward function as keywords.
@@ -81,5 +81,8 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         peft_config=lora_config(cfg.lora),
         callbacks=[JsonlMetrics(out / "metrics.jsonl")],
     )
+    upcast_dora_magnitudes(trainer.model)
+    checkpoint = resume_checkpoint(out) if resume else None
     return train_and_save(trainer, tokenizer, run_dir, "grpo", {
-        "questions": len(dataset), "base_model": base, "rewards": {spec.name: spec.weight for spec in cfg.rewards}})
+        "questions": len(dataset), "base_model": base, "rewards": {spec.name: spec.weight for spec in cfg.rewards}},
+        checkpoint)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -29,6 +30,18 @@ from gazal.models import resolve_model
 log = logging.getLogger(__name__)
 
 STAGES = ("sft", "grpo", "eval")
+# What a training stage keeps when it is resumed: its checkpoints and the metrics logged up to them.
+RESUMABLE = ("checkpoints", "metrics.jsonl")
+
+
+def is_main_process() -> bool:
+    """True in the process that writes run files (rank 0 under `accelerate launch`, or a plain run)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def distributed() -> bool:
+    """True under `accelerate launch` / torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 _LIBRARIES = ("gazal", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "pydantic", "vllm")
 
 
@@ -68,6 +81,8 @@ def dump_recipe(recipe: Recipe, path: Path) -> None:
 
 def prepare(run_dir: Path, recipe: Recipe) -> None:
     """Create the run directory and record the recipe and library versions."""
+    if not is_main_process():
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, run_dir / "recipe.yaml")
     write_json(run_dir / "versions.json", versions())
@@ -82,11 +97,16 @@ def peak_rss_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename): a killed process never leaves half a file."""
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically (temp file + rename): a killed process never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -100,6 +120,8 @@ def is_done(run_dir: Path, stage: str) -> bool:
 def start_stage(run_dir: Path, stage: str, recipe: Recipe, keep: tuple[str, ...] = ()) -> Path:
     """A clean stage folder (keeping `keep`, e.g. resumable samples) with the recipe it runs under."""
     folder = run_dir / stage
+    if not is_main_process():
+        return folder
     if folder.exists():
         for child in folder.iterdir():
             if child.name in keep:
