@@ -185,6 +185,49 @@ class RewardSpec(_Section):
     """Keyword parameters for the reward factory."""
 
 
+class MonitorSettings(_Section):
+    """The GRPO training monitor: reward-hacking and instability rules, their thresholds and actions."""
+
+    enabled: bool = True
+    """Watch every logged step; events go to grpo/events.jsonl and the log."""
+    window: int = Field(6, ge=2)
+    """Steps compared for trends (newer half vs older half) and for baselines and medians."""
+    accuracy_flat: float = 0.02
+    """reward_hacking: accuracy counts as flat when its trend is at most this."""
+    proxy_rise: float = Field(0.15, gt=0)
+    """reward_hacking: the format or total reward trend that, with flat accuracy, looks like hacking."""
+    rate_rise: float = Field(0.15, gt=0)
+    """Rise in hedge, no-answer or format-failure rate (or in repetition penalty) over the window that fires."""
+    length_low: float = Field(0.4, gt=0, lt=1)
+    """length_collapse: mean completion length below this fraction of its starting level."""
+    length_high: float = Field(2.5, gt=1)
+    """length_explosion: mean completion length above this multiple of its starting level."""
+    clipped_max: float = Field(0.8, gt=0, le=1)
+    """length_explosion: fraction of completions cut at max_completion_length that fires."""
+    zero_std_max: float = Field(0.95, gt=0, le=1)
+    """zero_std: frac_reward_zero_std at or above this ..."""
+    patience: int = Field(4, ge=1)
+    """... for this many logged steps in a row."""
+    entropy_low: float = Field(0.3, gt=0, lt=1)
+    """entropy_collapse: entropy below this fraction of its starting level."""
+    entropy_high: float = Field(2.0, gt=1)
+    """entropy_blowup: entropy above this multiple of its starting level."""
+    kl_max: float = Field(1.0, gt=0)
+    """kl_spike: KL to the reference above this always fires."""
+    spike_factor: float = Field(5.0, gt=1)
+    """kl_spike, grad_norm_spike: a value above this multiple of its recent median fires."""
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
+    """rollback: the learning rate is multiplied by this after restoring the last good checkpoint."""
+    actions: dict[
+        Literal["reward_hacking", "hedge_rate_rising", "no_answer_rate_rising", "format_failure_rising",
+                "length_collapse", "length_explosion", "repetition_rising", "zero_std", "entropy_collapse",
+                "entropy_blowup", "kl_spike", "grad_norm_spike", "nan_loss"],
+        Literal["warn", "stop", "rollback"],
+    ] = Field(default_factory=lambda: {"nan_loss": "rollback", "entropy_blowup": "stop"})
+    """What each rule does when it fires (rules not listed warn): warn, stop (with a clear message),
+    or rollback (restore the last checkpoint, lower the learning rate, go on)."""
+
+
 class GRPOSettings(_Section):
     """Stage 2: GRPO with a multi-component reward (TRL GRPOTrainer)."""
 
@@ -235,6 +278,22 @@ class GRPOSettings(_Section):
     merged_rollouts: bool = True
     """Generate rollouts with the adapter merged into the weights (base-model speed; DoRA through
     PEFT generates several times slower). False: TRL's default, generating through the adapter."""
+    adapter: Literal["new", "continue"] = "new"
+    """new: merge the SFT adapter into the weights and train a fresh adapter on top (the paper's
+    two-stage setup); continue: keep training the SFT adapter itself on the base model."""
+    use_vllm: bool = False
+    """Roll out with vLLM (GPU, gpu extra); TRL syncs the merged adapter weights into it every step."""
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    """colocate: vLLM shares the training GPUs; server: a separate `trl vllm-serve` process."""
+    vllm_server_base_url: str | None = None
+    """Server mode: the URL of `trl vllm-serve` (e.g. http://localhost:8000)."""
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Colocate mode: the share of GPU memory vLLM may take."""
+    samples_every: int = Field(5, ge=0)
+    """Every this many steps, append the latest rollouts (prompt, completion, each reward component,
+    advantage) to grpo/samples.jsonl and grpo/samples.md; 0: never."""
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    """Rules that catch reward hacking and instability while training."""
     skip_reward_audit: bool = False
     """Start training even if `gazal rewards audit` finds a completion that games the reward."""
     rewards: list[RewardSpec] = Field(

@@ -10,3 +10,9 @@ class GazalError(Exception):
     """
 
     exit_code = 2
+
+
+class TrainingStopped(GazalError):
+    """A training monitor rule stopped the run; the message says which rule and why. Exit status 1."""
+
+    exit_code = 1

@@ -1,7 +1,8 @@
-"""Stage 2: GRPO on the merged SFT model with a new DoRA + rsLoRA adapter (TRL GRPOTrainer)."""
+"""Stage 2: GRPO with the recipe's multi-component reward (TRL GRPOTrainer), watched by the monitor."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,35 +14,91 @@ from gazal import audit, rundir
 from gazal.adapters import lora_config, merged_adapter, upcast_dora_magnitudes
 from gazal.config import Recipe
 from gazal.data import load_grpo_items
-from gazal.models import load_model, load_tokenizer
-from gazal.monitor import JsonlMetrics
-from gazal.rewards import resolve_reward
+from gazal.errors import GazalError
+from gazal.models import load_model, load_tokenizer, resolve_model
+from gazal.monitor import JsonlMetrics, MonitorCallback
+from gazal.rewards import completion_text, prompt_text, resolve_reward
 from gazal.tasks import messages
 from gazal.training import common_args, resume_checkpoint, train_and_save
 
 log = logging.getLogger(__name__)
 
 
-class MergedRolloutGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose transformers rollouts run on merged weights.
+class GazalGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose transformers rollouts run on merged weights, and which writes rollout samples.
 
     PEFT computes DoRA's weight norm in every forward, so generating through the adapter is several
     times slower than through the base model. Before each rollout the adapter is merged into the
-    base weights for the rollout and taken out again afterwards (see `merged_adapter`). vLLM
-    rollouts are untouched (TRL syncs merged weights to vLLM itself).
+    base weights and taken out again afterwards (see `merged_adapter`). vLLM rollouts are untouched
+    (TRL syncs merged weights to vLLM itself).
     """
+
+    merged_rollouts: bool = True
+    samples_every: int = 0
+    samples_dir: Path | None = None
 
     def _generate_single_turn(self, *args, **kwargs):
         model = self.accelerator.unwrap_model(self.model)
-        if self.use_vllm or not isinstance(model, PeftModel):
+        if not self.merged_rollouts or self.use_vllm or not isinstance(model, PeftModel):
             return super()._generate_single_turn(*args, **kwargs)
         with merged_adapter(model):
             return super()._generate_single_turn(*args, **kwargs)
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        step = self.state.global_step
+        if (self.samples_every and self.samples_dir is not None and step % self.samples_every == 0
+                and "loss" in logs and self.accelerator.is_main_process):
+            # TRL keeps the latest generation batch in `_logs` (sized to it) for its own completion tables.
+            write_samples(self.samples_dir, step, list(self._logs["prompt"]), list(self._logs["completion"]),
+                          {name: list(v) for name, v in self._logs["rewards"].items()}, list(self._logs["advantages"]))
+
+
+def write_samples(folder: Path, step: int, prompts: list, completions: list, rewards: dict[str, list],
+                  advantages: list) -> None:
+    """Append one step's rollouts to samples.jsonl and a readable table to samples.md."""
+    rows = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        rows.append({"step": step, "prompt": prompt_text(prompt), "completion": completion_text(completion),
+                     "rewards": {name: values[i] for name, values in rewards.items()},
+                     "advantage": advantages[i] if i < len(advantages) else None})
+    with (folder / "samples.jsonl").open("a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    names = list(rewards)
+    md = [f"\n## step {step}\n", "| prompt (end) | completion | " + " | ".join(names) + " | advantage |",
+          "|---|---|" + "---|" * len(names) + "---|"]
+
+    def cell(text: str, n: int) -> str:
+        return " ".join(text.split())[:n].replace("|", "\\|")
+
+    for r in rows:
+        values = " | ".join("—" if r["rewards"][n] is None else f"{r['rewards'][n]:.2f}" for n in names)
+        adv = "—" if r["advantage"] is None else f"{r['advantage']:.2f}"
+        md.append(f"| …{cell(r['prompt'][-80:], 80)} | {cell(r['completion'], 300)} | {values} | {adv} |")
+    with (folder / "samples.md").open("a", encoding="utf-8") as fh:
+        fh.write("\n".join(md) + "\n")
+
+
+def _policy(recipe: Recipe, run_dir: Path):
+    """The model to train and the PEFT config to give TRL (None when the model already has its adapter)."""
+    cfg = recipe.grpo
+    if cfg.adapter == "continue":
+        adapter = run_dir / "sft" / "adapter"
+        if not rundir.is_done(run_dir, "sft") or not (adapter / "adapter_config.json").is_file():
+            raise GazalError(f"grpo.adapter: 'continue' needs a finished SFT adapter in {adapter}")
+        base = resolve_model(recipe.model.name_or_path, recipe.model.revision)
+        model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
+        log.info("grpo continues the SFT adapter %s on %s", adapter, base)
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), None, base
+    base = rundir.model_for(run_dir, "grpo", recipe)
+    model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
+    return model, lora_config(cfg.lora), base
+
 
 def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
-    """Train the GRPO adapter; write adapter, merged model, metrics and summary under run_dir/grpo."""
-    out = rundir.start_stage(run_dir, "grpo", recipe, keep=rundir.RESUMABLE if resume else ())
+    """Train the GRPO adapter; write adapter, merged model, metrics, events and samples under run_dir/grpo."""
+    out = rundir.start_stage(run_dir, "grpo", recipe, keep=rundir.RESUMABLE + ("events.jsonl", "samples.jsonl", "samples.md")
+                             if resume else ())
     cfg = recipe.grpo
     items = load_grpo_items(recipe.data.grpo, recipe.data.grpo_limit)
     # The dataset's extra columns (answer, options, labels) reach every reward function as keywords.
@@ -50,14 +107,19 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
          for it in items]
     )
     log.info("grpo: %d questions from %s", len(dataset), recipe.data.grpo)
-    base = rundir.model_for(run_dir, "grpo", recipe)
-    tokenizer = load_tokenizer(base, recipe.model.revision, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(rundir.model_for(run_dir, "grpo", recipe), recipe.model.revision,
+                               recipe.model.trust_remote_code)
     audit.check_or_refuse(recipe, tokenizer)  # before loading weights: a gameable reward stops here
     reward_funcs = [resolve_reward(s.name, s.params, tokenizer, cfg.max_completion_length) for s in cfg.rewards]
-    model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
+    model, peft_config, base = _policy(recipe, run_dir)
 
+    vllm = {"use_vllm": cfg.use_vllm}
+    if cfg.use_vllm:
+        vllm.update(vllm_mode=cfg.vllm_mode, vllm_server_base_url=cfg.vllm_server_base_url,
+                    vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     args = GRPOConfig(
         **common_args(recipe, cfg, out),
+        **vllm,
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
@@ -71,18 +133,22 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         num_iterations=cfg.num_iterations,
         reward_weights=[spec.weight for spec in cfg.rewards],
     )
-    trainer_class = MergedRolloutGRPOTrainer if cfg.merged_rollouts else GRPOTrainer
-    trainer = trainer_class(
+    monitor = MonitorCallback(cfg.monitor, out / "events.jsonl") if cfg.monitor.enabled else None
+    trainer = GazalGRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora),
-        callbacks=[JsonlMetrics(out / "metrics.jsonl")],
+        peft_config=peft_config,
+        callbacks=[JsonlMetrics(out / "metrics.jsonl"), *([monitor] if monitor else [])],
     )
+    trainer.merged_rollouts, trainer.samples_every, trainer.samples_dir = cfg.merged_rollouts, cfg.samples_every, out
     upcast_dora_magnitudes(trainer.model)
     checkpoint = resume_checkpoint(out) if resume else None
-    return train_and_save(trainer, tokenizer, run_dir, "grpo", {
-        "questions": len(dataset), "base_model": base, "rewards": {spec.name: spec.weight for spec in cfg.rewards}},
-        checkpoint)
+    summary = {"questions": len(dataset), "base_model": base, "adapter": cfg.adapter,
+               "rewards": {spec.name: spec.weight for spec in cfg.rewards}}
+    if monitor is not None:
+        summary["monitor_rollbacks"] = monitor.rollbacks  # filled in while training
+    return train_and_save(trainer, tokenizer, run_dir, "grpo", summary, checkpoint,
+                          stopped=(lambda: monitor.stopped) if monitor else None)

@@ -1,12 +1,27 @@
-"""Training metrics written to the run directory as they are logged."""
+"""Training metrics written to the run directory, and the GRPO monitor that watches them.
+
+The monitor reads the metrics the trainer logs each step (TRL's `reward`, `rewards/<name>/mean`,
+`entropy`, `kl`, `frac_reward_zero_std`, `completions/mean_length`, `grad_norm`, `loss`, and
+Gazal's `gazal/*_rate`) and looks for the signatures of reward hacking and instability that the
+Gazal-R1 paper and public GRPO runs report. Rules are plain functions over the metric history, so
+each can be tested on a synthetic stream; thresholds and actions come from the recipe.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from gazal.config import MonitorSettings
+
+log = logging.getLogger(__name__)
 
 
 class JsonlMetrics(TrainerCallback):
@@ -32,3 +47,257 @@ def read_metrics(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: history (oldest first, one dict of metrics per logged step) -> a message when the rule fires.
+
+
+@dataclass(frozen=True)
+class Event:
+    """A rule that fired: which, at what step, why, and what the monitor did about it."""
+
+    step: int
+    rule: str
+    action: str
+    message: str
+
+
+def _series(history: list[dict], key: str) -> list[float]:
+    return [float(h[key]) for h in history if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
+
+
+def _trend(values: list[float], window: int) -> float | None:
+    """Mean of the newer half of the last `window` values minus mean of the older half."""
+    if len(values) < window:
+        return None
+    recent = values[-window:]
+    half = window // 2
+    return statistics.fmean(recent[half:]) - statistics.fmean(recent[:half])
+
+
+def reward_hacking(history: list[dict], s: MonitorSettings) -> str | None:
+    """Format or total reward rising while accuracy stays flat or falls."""
+    acc = _trend(_series(history, "rewards/accuracy/mean"), s.window)
+    if acc is None or acc > s.accuracy_flat:
+        return None
+    for key in ("rewards/format/mean", "reward"):
+        rise = _trend(_series(history, key), s.window)
+        if rise is not None and rise >= s.proxy_rise:
+            return f"{key} rose by {rise:.3f} over {s.window} steps while accuracy changed by {acc:+.3f}"
+    return None
+
+
+def _rate_rising(key: str) -> Callable[[list[dict], MonitorSettings], str | None]:
+    def rule(history: list[dict], s: MonitorSettings) -> str | None:
+        values = _series(history, key)
+        rise = _trend(values, s.window)
+        if rise is not None and rise >= s.rate_rise:
+            return f"{key} rose by {rise:.3f} over {s.window} steps (now {values[-1]:.3f})"
+        return None
+
+    rule.__doc__ = f"{key} rising."
+    return rule
+
+
+def _baseline(values: list[float], s: MonitorSettings) -> float | None:
+    """The mean of the first `window` values: what healthy looked like for this run."""
+    return statistics.fmean(values[:s.window]) if len(values) > s.window else None
+
+
+def length_collapse(history: list[dict], s: MonitorSettings) -> str | None:
+    """Mean completion length falling far below its starting level."""
+    values = _series(history, "completions/mean_length")
+    base = _baseline(values, s)
+    if base and values[-1] < s.length_low * base:
+        return f"mean completion length {values[-1]:.0f} tokens is below {s.length_low:g} x its start ({base:.0f})"
+    return None
+
+
+def length_explosion(history: list[dict], s: MonitorSettings) -> str | None:
+    """Mean completion length growing far above its starting level, or most completions cut at the limit."""
+    values = _series(history, "completions/mean_length")
+    base = _baseline(values, s)
+    if base and values[-1] > s.length_high * base:
+        return f"mean completion length {values[-1]:.0f} tokens is above {s.length_high:g} x its start ({base:.0f})"
+    clipped = _series(history, "completions/clipped_ratio")
+    if clipped and clipped[-1] >= s.clipped_max:
+        return f"{clipped[-1]:.0%} of completions hit max_completion_length"
+    return None
+
+
+def repetition_rising(history: list[dict], s: MonitorSettings) -> str | None:
+    """The repetition penalty growing (its reward falling)."""
+    fall = _trend(_series(history, "rewards/repetition/mean"), s.window)
+    if fall is not None and -fall >= s.rate_rise:
+        return f"repetition penalty grew by {-fall:.3f} over {s.window} steps"
+    return None
+
+
+def zero_std(history: list[dict], s: MonitorSettings) -> str | None:
+    """Most groups with identical rewards (no advantage, no gradient) for several steps in a row."""
+    values = _series(history, "frac_reward_zero_std")
+    if len(values) >= s.patience and all(v >= s.zero_std_max for v in values[-s.patience:]):
+        return f"frac_reward_zero_std >= {s.zero_std_max:g} for {s.patience} steps: groups give no learning signal"
+    return None
+
+
+def entropy_collapse(history: list[dict], s: MonitorSettings) -> str | None:
+    """Token entropy falling far below its starting level (the policy has stopped exploring)."""
+    values = _series(history, "entropy")
+    base = _baseline(values, s)
+    if base and values[-1] < s.entropy_low * base:
+        return f"entropy {values[-1]:.3f} is below {s.entropy_low:g} x its start ({base:.3f})"
+    return None
+
+
+def entropy_blowup(history: list[dict], s: MonitorSettings) -> str | None:
+    """Token entropy rising far above its starting level (the policy is turning to noise)."""
+    values = _series(history, "entropy")
+    base = _baseline(values, s)
+    if base and values[-1] > s.entropy_high * base:
+        return f"entropy {values[-1]:.3f} is above {s.entropy_high:g} x its start ({base:.3f})"
+    return None
+
+
+def _spike(key: str, factor: float, values: list[float], s: MonitorSettings) -> str | None:
+    if len(values) <= s.window:
+        return None
+    median = statistics.median(values[-s.window - 1:-1])
+    if median > 0 and values[-1] > factor * median:
+        return f"{key} {values[-1]:.4g} is {values[-1] / median:.1f} x its recent median ({median:.4g})"
+    return None
+
+
+def kl_spike(history: list[dict], s: MonitorSettings) -> str | None:
+    """KL to the reference jumping far above its recent level, or above an absolute ceiling."""
+    values = _series(history, "kl")
+    if values and values[-1] > s.kl_max:
+        return f"kl {values[-1]:.4g} is above {s.kl_max:g}"
+    return _spike("kl", s.spike_factor, values, s)
+
+
+def grad_norm_spike(history: list[dict], s: MonitorSettings) -> str | None:
+    """Gradient norm jumping far above its recent median."""
+    return _spike("grad_norm", s.spike_factor, _series(history, "grad_norm"), s)
+
+
+def nan_loss(history: list[dict], s: MonitorSettings) -> str | None:
+    """A NaN or infinite loss or gradient norm."""
+    last = history[-1] if history else {}
+    for key in ("loss", "grad_norm"):
+        value = last.get(key)
+        if isinstance(value, str) and value.lower() in ("nan", "inf", "-inf"):
+            value = float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{key} is {value}"
+    return None
+
+
+RULES: dict[str, Callable[[list[dict], MonitorSettings], str | None]] = {
+    "reward_hacking": reward_hacking,
+    "hedge_rate_rising": _rate_rising("gazal/hedge_rate"),
+    "no_answer_rate_rising": _rate_rising("gazal/no_answer_rate"),
+    "format_failure_rising": _rate_rising("gazal/format_failure_rate"),
+    "length_collapse": length_collapse,
+    "length_explosion": length_explosion,
+    "repetition_rising": repetition_rising,
+    "zero_std": zero_std,
+    "entropy_collapse": entropy_collapse,
+    "entropy_blowup": entropy_blowup,
+    "kl_spike": kl_spike,
+    "grad_norm_spike": grad_norm_spike,
+    "nan_loss": nan_loss,
+}
+
+
+class Monitor:
+    """Feeds each logged step to every rule; a rule that fires reports once, then again only after
+    it has been quiet (so one long episode is one event, not one per step)."""
+
+    def __init__(self, settings: MonitorSettings):
+        self.settings = settings
+        self.history: list[dict] = []
+        self.active: set[str] = set()
+
+    def observe(self, step: int, metrics: dict) -> list[Event]:
+        self.history.append(dict(metrics))
+        events = []
+        for name, rule in RULES.items():
+            message = rule(self.history, self.settings)
+            if message is None:
+                self.active.discard(name)
+            elif name not in self.active:
+                self.active.add(name)
+                events.append(Event(step, name, self.settings.actions.get(name, "warn"), message))
+        return events
+
+
+class MonitorCallback(TrainerCallback):
+    """Runs the Monitor on every training log; writes events.jsonl; warns, stops or rolls back."""
+
+    def __init__(self, settings: MonitorSettings, events_path: Path):
+        self.monitor = Monitor(settings)
+        self.path = Path(events_path)
+        self.stopped: Event | None = None
+        self.rollbacks: list[dict] = []
+
+    def _write(self, row: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def on_log(self, args, state, control, logs=None, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if not logs or "loss" not in logs and "reward" not in logs:
+            return  # evaluation or end-of-training summaries are not training steps
+        for event in self.monitor.observe(state.global_step, logs):
+            row = asdict(event)
+            log.warning("monitor: step %d %s: %s (action: %s)", event.step, event.rule, event.message, event.action)
+            if event.action == "stop":
+                control.should_training_stop = True
+                self.stopped = event
+            elif event.action == "rollback":
+                restored = rollback(args.output_dir, state.global_step, model, optimizer, lr_scheduler,
+                                    self.monitor.settings.rollback_lr_factor)
+                if restored is None:
+                    row["action"] = "stop"
+                    row["message"] += "; no earlier checkpoint to roll back to, stopping"
+                    control.should_training_stop = True
+                    self.stopped = Event(**row)
+                else:
+                    row["restored"] = restored
+                    self.rollbacks.append(row)
+                    # The history since the checkpoint belongs to weights that no longer exist.
+                    self.monitor.history = self.monitor.history[:-1]
+            if state.is_world_process_zero:
+                self._write(row)
+
+
+def rollback(output_dir: str, step: int, model, optimizer, lr_scheduler, lr_factor: float) -> str | None:
+    """Restore the adapter and optimizer from the newest checkpoint before `step`; scale the LR.
+
+    Returns the checkpoint restored, or None when there is none. Trainer counters keep running
+    (the step count is a budget, not a position), and the learning rate of every later step is
+    multiplied by lr_factor.
+    """
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    candidates = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        n = path.name.rsplit("-", 1)[1]
+        if n.isdigit() and int(n) < step and (path / "trainer_state.json").is_file():
+            candidates.append((int(n), path))
+    if not candidates:
+        return None
+    _, path = max(candidates)
+    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    if optimizer is not None and (path / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if lr_scheduler is not None:
+        lr_scheduler.base_lrs = [lr * lr_factor for lr in lr_scheduler.base_lrs]
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["lr"] *= lr_factor
+    log.warning("monitor: rolled back to %s with learning rate x %g", path, lr_factor)
+    return str(path)

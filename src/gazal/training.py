@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from gazal import rundir
 from gazal.adapters import ParamSnapshot, save_adapter_and_merged
 from gazal.config import GRPOSettings, Recipe, SFTSettings
-from gazal.errors import GazalError
+from gazal.errors import GazalError, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,12 @@ def resume_checkpoint(out: Path) -> str:
 
 
 def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[str, Any],
-                   resume_from: str | None = None) -> dict[str, Any]:
-    """Train, record which parameters changed, save adapter + merged model, summary, then DONE."""
+                   resume_from: str | None = None, stopped: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Train, record which parameters changed, save adapter + merged model, summary, then DONE.
+
+    `stopped` tells after training whether a monitor rule stopped it: the outputs are then saved for
+    inspection, but the stage is not marked done and TrainingStopped is raised.
+    """
     snapshot = ParamSnapshot(trainer.model)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -78,13 +83,21 @@ def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[
     evals = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
     if evals:
         summary["eval_loss"] = evals[-1]
+    event = stopped() if stopped else None
+    if event is not None:
+        summary["stopped_by_monitor"] = {"step": event.step, "rule": event.rule, "message": event.message}
     tokenizer.padding_side = "left"  # saved tokenizers serve batched generation next
     out = run_dir / stage
     # Under `accelerate launch` every process trains; one writes.
     if trainer.accelerator.is_main_process:
         save_adapter_and_merged(trainer.model, tokenizer, out, summary)
         rundir.write_json(out / "summary.json", summary)
-        rundir.finish_stage(run_dir, stage)
+        if event is None:
+            rundir.finish_stage(run_dir, stage)
     trainer.accelerator.wait_for_everyone()
+    if event is not None:
+        raise TrainingStopped(f"{stage} stopped by the monitor at step {event.step}: {event.rule}: {event.message}. "
+                              f"Outputs so far are in {out}; events in {out / 'events.jsonl'}. Adjust "
+                              f"{stage}.monitor (thresholds or actions) or the recipe, then rerun the stage.")
     log.info("%s: done in %.0fs, loss %.4f", stage, summary["seconds"], summary["train_loss"])
     return summary
