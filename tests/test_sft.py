@@ -93,6 +93,7 @@ def test_dora_adapter_trains_base_frozen_magnitudes_float32_and_merge_matches(tm
     # The merged model computes what the adapter model computes.
     model = trainer.model.float().eval()
     ids = trainer.processing_class(["<|im_start|>user\nCough and fever?<|im_end|>\n"], return_tensors="pt")["input_ids"]
+    ids = ids.to(model.device)
     with torch.no_grad():
         adapter_logits = model(ids).logits
         merged_logits = model.merge_and_unload()(ids).logits
@@ -129,7 +130,8 @@ def test_killed_sft_resumes_to_the_same_loss(tmp_path):
 
     script = tmp_path / "kill_after.py"
     script.write_text(KILL_AFTER)
-    env = {**os.environ, "KILL_AT_STEP": "5", "PYTHONPATH": str(ROOT / "tests")}
+    paths = [str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "KILL_AT_STEP": "5", "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run([sys.executable, str(script), *args, "--run-dir", str(killed)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 137, proc.stderr[-2000:]
@@ -234,7 +236,8 @@ def test_sft_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gazal", "sft", "--config", "demo", *TINY,
            "data.sft_limit=8", "sft.max_steps=3", "sft.per_device_train_batch_size=2", "--run-dir", str(run)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # CPU processes even where a GPU exists: two ranks cannot share one GPU under NCCL.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "sft" / "summary.json").read_text())
@@ -242,3 +245,16 @@ def test_sft_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     assert summary["parameters"]["trainable_tensors_changed"] == summary["parameters"]["trainable_tensors"]
     assert summary["processes"] == 2
     assert (run / "sft" / "merged" / "model.safetensors").is_file() and rundir.is_done(run, "sft")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_training_on_gpu_keeps_magnitudes_float32_and_learning(tmp_path):
+    recipe = _recipe("model.dtype=bfloat16", "sft.bf16=true", "sft.max_steps=3", "sft.per_device_train_batch_size=2",
+                     "sft.save_steps=0", "sft.warmup_steps=0")
+    trainer = _trainer(tmp_path, recipe, _examples(6))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_magnitude_vector" in n}
+    trainer.train()
+    after = {n: p for n, p in trainer.model.named_parameters() if "lora_magnitude_vector" in n}
+    assert after and all(p.dtype == torch.float32 and p.device.type == "cuda" for p in after.values())
+    assert all(not torch.equal(after[n].detach().cpu(), before[n].cpu()) for n in before)

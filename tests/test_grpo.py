@@ -1,0 +1,100 @@
+"""GRPO stage on the tiny Qwen3: adapter modes, samples, monitor stop, checkpoints and resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gazal import rundir
+from gazal.cli import main
+
+TINY = [
+    "model.name_or_path=gazal:tiny-qwen3",
+    "data.sft_limit=6",
+    "data.grpo_limit=8",
+    "sft.max_steps=2",
+    "sft.max_length=512",
+    "sft.learning_rate=1e-2",
+    "sft.warmup_steps=0",
+    "grpo.max_completion_length=12",
+    "grpo.learning_rate=1e-2",
+    "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tiny_rewards:length', weight: 1.0}]",
+    "grpo.skip_reward_audit=true",
+]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo") / "base"
+    assert main(["sft", "--config", "demo", "--run-dir", str(out), *TINY]) == 0
+    return out
+
+
+def _copy_sft(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src / "sft", dst / "sft")
+    return dst
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_continue_mode_trains_the_sft_adapter_itself(sft_run, tmp_path):
+    run = _copy_sft(sft_run, tmp_path / "r")
+    assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.adapter=continue",
+                 "grpo.max_steps=2", "grpo.samples_every=1"]) == 0
+    summary = json.loads((run / "grpo" / "summary.json").read_text())
+    assert summary["adapter"] == "continue" and summary["parameters"]["frozen_tensors_changed"] == 0
+    sft_adapter = load_file(run / "sft" / "adapter" / "adapter_model.safetensors")
+    grpo_adapter = load_file(run / "grpo" / "adapter" / "adapter_model.safetensors")
+    assert set(sft_adapter) == set(grpo_adapter)  # the same adapter, trained further
+    assert any(not torch.equal(sft_adapter[k], grpo_adapter[k]) for k in sft_adapter)
+    # The base it continued on is the original model, not the merged SFT model.
+    assert "sft/merged" not in summary["base_model"]
+    # Rollout samples: every step, each completion with each reward component.
+    samples = _rows(run / "grpo" / "samples.jsonl")
+    assert {r["step"] for r in samples} == {1, 2}
+    assert all(set(r["rewards"]) == {"accuracy", "format", "length"} and r["completion"] is not None for r in samples)
+    assert "| advantage |" in (run / "grpo" / "samples.md").read_text()
+
+
+def test_new_mode_starts_a_fresh_adapter_on_the_merged_sft_model(sft_run, tmp_path):
+    run = _copy_sft(sft_run, tmp_path / "r")
+    assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=2"]) == 0
+    summary = json.loads((run / "grpo" / "summary.json").read_text())
+    assert summary["adapter"] == "new" and summary["base_model"].endswith("sft/merged")
+    p = summary["parameters"]
+    assert p["trainable_tensors_changed"] > 0 and p["frozen_tensors_changed"] == 0
+
+
+def test_monitor_stop_ends_the_stage_with_a_clear_message(sft_run, tmp_path, capsys):
+    run = _copy_sft(sft_run, tmp_path / "r")
+    # A random model almost never stops within 12 tokens: nearly every completion hits the limit,
+    # which length_explosion reports once clipped_max is set this low.
+    args = ["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=3",
+            "grpo.monitor.clipped_max=0.01", "grpo.monitor.actions={length_explosion: stop}"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "stopped by the monitor at step 1: length_explosion" in err and "events.jsonl" in err
+    events = _rows(run / "grpo" / "events.jsonl")
+    assert events[0]["rule"] == "length_explosion" and events[0]["action"] == "stop"
+    assert not rundir.is_done(run, "grpo")
+    summary = json.loads((run / "grpo" / "summary.json").read_text())
+    assert summary["stopped_by_monitor"]["rule"] == "length_explosion" and summary["steps"] == 1
+
+
+def test_grpo_checkpoints_and_resumes(sft_run, tmp_path):
+    run = _copy_sft(sft_run, tmp_path / "r")
+    args = ["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=4", "grpo.save_steps=2"]
+    assert main([*args, "grpo.max_steps=2"]) == 0  # a run that ended at step 2, as if killed after its checkpoint
+    (run / "grpo" / "DONE").unlink()
+    assert (run / "grpo" / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert main([*args, "--resume"]) == 0
+    summary = json.loads((run / "grpo" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
+    steps = [r["step"] for r in _rows(run / "grpo" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4]
