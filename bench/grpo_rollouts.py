@@ -80,7 +80,7 @@ def one(mode: str, steps: int, tokens: int, model_name: str) -> dict:
                           num_generations=generations, max_completion_length=tokens, temperature=recipe.grpo.temperature,
                           learning_rate=1e-5, beta=0.0, loss_type="dapo", logging_steps=1, report_to="none",
                           save_strategy="no", gradient_checkpointing=False, generation_kwargs=gen_kwargs,
-                          dataloader_pin_memory=False, seed=0)
+                          dataloader_pin_memory=False, bf16=False, seed=0)
         trainer = Timed(model=load_model(path), reward_funcs=[resolve_reward("accuracy")], args=args,
                         train_dataset=dataset, processing_class=tok, peft_config=lora_config(recipe.grpo.lora))
         trainer.train()

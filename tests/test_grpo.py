@@ -85,6 +85,9 @@ def test_monitor_stop_ends_the_stage_with_a_clear_message(sft_run, tmp_path, cap
     assert not rundir.is_done(run, "grpo")
     summary = json.loads((run / "grpo" / "summary.json").read_text())
     assert summary["stopped_by_monitor"]["rule"] == "length_explosion" and summary["steps"] == 1
+    assert main(["report", "--run-dir", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "stopped by the monitor" in report and "step 1 length_explosion (stop)" in report
 
 
 def test_grpo_checkpoints_and_resumes(sft_run, tmp_path):

@@ -54,7 +54,72 @@ def _parser() -> argparse.ArgumentParser:
     r = rsub.add_parser("audit", help="gaming completions vs honest ones; exit 1 if any hack scores >= honest")
     r.add_argument("--config", "-c", default="demo", metavar="RECIPE")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)")
+    p.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                   help="a local model folder (e.g. RUN/grpo/merged), a hub id, or a Gazal model name")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT adapter to merge into --model first")
+    p.add_argument("--name", default="gazal", help="the model name clients ask for (default: gazal)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the chosen one is printed)")
+    p = sub.add_parser("data", help="synthesize or curate training data")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    d = dsub.add_parser("synth", help="generate SFT examples through an OpenAI-compatible endpoint (resumable)")
+    d.add_argument("--config", "-c", default="demo", metavar="RECIPE")
+    d.add_argument("--out", type=Path, default=None, help="output folder (default: the recipe's synth.output_dir)")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    d = dsub.add_parser("curate", help="validate, filter, deduplicate and decontaminate a JSONL file")
+    d.add_argument("input", type=Path, metavar="IN.jsonl")
+    d.add_argument("--out", type=Path, required=True, metavar="OUT.jsonl")
+    d.add_argument("--benchmarks", type=Path, default=None, metavar="DIR",
+                   help="benchmark JSONL folder to decontaminate against (default: $GAZAL_BENCHMARKS_DIR if set)")
+    d.add_argument("--config", "-c", default="demo", metavar="RECIPE", help="recipe whose curate section to use")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gazal.serve import ChatModel, make_server
+
+    model = ChatModel(args.model, args.adapter)
+    server = make_server(model, args.name, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving '{args.name}' on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from gazal import config
+
+    recipe = config.load_recipe(args.config, args.overrides)
+    if args.data_command == "synth":
+        from gazal import synth
+
+        m = synth.main(recipe, args.out)
+        print(f"synth: {m['items']} of {m['requested']} items, {m['failed']} failed; this run "
+              f"{m['tokens_this_run']['prompt']} prompt + {m['tokens_this_run']['completion']} completion tokens, "
+              f"cost {m['cost_this_run']}")
+        return 0 if m["items"] + m["failed"] == m["requested"] else 1
+    from gazal import curate
+    from gazal.benchmarks import benchmarks_dir
+
+    if not args.input.is_file():
+        raise GazalError(f"{args.input}: file not found")
+    bdir = args.benchmarks or benchmarks_dir(None)
+    report = curate.main(args.input, args.out, recipe.curate, bdir)
+    print(f"curate: {report['input']} rows in, {report['kept']} kept -> {args.out}")
+    for reason, n in report["dropped"].items():
+        if n:
+            print(f"  dropped {n} {reason}")
+    if bdir is None:
+        print("  (no --benchmarks: decontamination not checked)")
+    print(f"report: {args.out.with_suffix('.report.md')}")
+    return 0
 
 
 def _rewards(args: argparse.Namespace) -> int:
@@ -111,6 +176,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "rewards":
         return _rewards(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "data":
+        return _data(args)
 
     if args.command == "score":
         from gazal.scoring import score_file

@@ -334,6 +334,70 @@ class EvalSettings(_Section):
     """Fraction of GPU memory vLLM may take."""
 
 
+class SynthSettings(_Section):
+    """`gazal data synth`: generate SFT examples through an OpenAI-compatible chat endpoint."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """The endpoint: `gazal serve`, a vLLM server, or a hosted API."""
+    model: str = "gazal"
+    """Model name to ask the endpoint for."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (never written to logs or files); unset: no key."""
+    templates_dir: str | None = None
+    """Folder of <category>.txt prompt templates; None: the templates shipped with Gazal."""
+    categories: list[str] = Field(default_factory=lambda: ["diagnostic", "uncertainty", "treatment", "prognosis"])
+    """Reasoning categories; each needs a template file."""
+    specialties: list[str] = Field(default_factory=lambda: [
+        "cardiology", "pulmonology", "gastroenterology", "nephrology", "endocrinology", "neurology",
+        "infectious disease", "hematology", "rheumatology", "obstetrics", "pediatrics", "psychiatry"])
+    """Seed dimension: the specialty of each case."""
+    care_settings: list[str] = Field(default_factory=lambda: [
+        "emergency department", "outpatient clinic", "inpatient ward", "intensive care unit"])
+    """Seed dimension: where the patient is seen."""
+    patient_profiles: list[str] = Field(default_factory=lambda: [
+        "a young adult", "a pregnant woman", "an older adult with several comorbidities", "a child",
+        "a middle-aged adult"])
+    """Seed dimension: who the patient is."""
+    complexities: list[str] = Field(default_factory=lambda: ["straightforward", "moderately complex", "complex"])
+    """Seed dimension: how hard the case is."""
+    num_items: int = Field(100, gt=0)
+    """Examples to generate; seed combinations are drawn in a fixed order from the recipe seed."""
+    concurrency: int = Field(4, gt=0)
+    """Requests in flight at once."""
+    max_retries: int = Field(4, ge=0)
+    """Retries with exponential backoff on timeouts, 429 and 5xx (per request, by the OpenAI client)."""
+    malformed_retries: int = Field(2, ge=0)
+    """Extra attempts when a response is not a well-formed example."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Seconds to wait for one response."""
+    temperature: float = Field(0.7, ge=0)
+    """Teacher sampling temperature."""
+    max_tokens: int = Field(1024, gt=0)
+    """Longest teacher response."""
+    output_dir: str = "data/synth"
+    """Where items.jsonl, failures.jsonl and manifest.json go."""
+    price_per_1k_prompt_tokens: float = Field(0.0, ge=0)
+    """For cost accounting in the manifest (your provider's price, in your currency)."""
+    price_per_1k_completion_tokens: float = Field(0.0, ge=0)
+    """For cost accounting in the manifest."""
+
+
+class CurateSettings(_Section):
+    """`gazal data curate`: validate, filter, deduplicate and decontaminate examples."""
+
+    min_chars: int = Field(40, ge=0)
+    """Drop rows whose reasoning (SFT) or question (multiple choice) is shorter than this."""
+    max_chars: int = Field(20000, gt=0)
+    """Drop rows whose whole text is longer than this."""
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1)
+    """Estimated Jaccard similarity of word 5-gram shingles (MinHash) at which a row is a near duplicate."""
+    decontamination_ngram: int = Field(6, ge=3)
+    """Word n-gram size compared with benchmark test items."""
+    decontamination_threshold: float = Field(0.2, gt=0, le=1)
+    """Drop a row when this fraction of the n-grams of its text or of a benchmark item's (the shorter)
+    is shared with that item. Stems shared by many benchmark items are ignored."""
+
+
 class Recipe(_Section):
     """A whole Gazal run: model, data, SFT, GRPO and evaluation."""
 
@@ -349,6 +413,8 @@ class Recipe(_Section):
     sft: SFTSettings = Field(default_factory=SFTSettings)
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    synth: SynthSettings = Field(default_factory=SynthSettings)
+    curate: CurateSettings = Field(default_factory=CurateSettings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,30 +100,29 @@ def _rate_rising(key: str) -> Callable[[list[dict], MonitorSettings], str | None
     return rule
 
 
-def _baseline(values: list[float], s: MonitorSettings) -> float | None:
-    """The mean of the first `window` values: what healthy looked like for this run."""
-    return statistics.fmean(values[:s.window]) if len(values) > s.window else None
+def _off_start(history: list[dict], key: str, factor: float, s: MonitorSettings) -> str | None:
+    """`key` now against the mean of its first `window` values (what healthy looked like in this run):
+    below factor x start when factor < 1, above it when factor > 1."""
+    values = _series(history, key)
+    if len(values) <= s.window:
+        return None
+    start, now = statistics.fmean(values[:s.window]), values[-1]
+    if (now < factor * start) if factor < 1 else (now > factor * start):
+        return f"{key} {now:.4g} is {'below' if factor < 1 else 'above'} {factor:g} x its start ({start:.4g})"
+    return None
 
 
 def length_collapse(history: list[dict], s: MonitorSettings) -> str | None:
     """Mean completion length falling far below its starting level."""
-    values = _series(history, "completions/mean_length")
-    base = _baseline(values, s)
-    if base and values[-1] < s.length_low * base:
-        return f"mean completion length {values[-1]:.0f} tokens is below {s.length_low:g} x its start ({base:.0f})"
-    return None
+    return _off_start(history, "completions/mean_length", s.length_low, s)
 
 
 def length_explosion(history: list[dict], s: MonitorSettings) -> str | None:
     """Mean completion length growing far above its starting level, or most completions cut at the limit."""
-    values = _series(history, "completions/mean_length")
-    base = _baseline(values, s)
-    if base and values[-1] > s.length_high * base:
-        return f"mean completion length {values[-1]:.0f} tokens is above {s.length_high:g} x its start ({base:.0f})"
     clipped = _series(history, "completions/clipped_ratio")
     if clipped and clipped[-1] >= s.clipped_max:
         return f"{clipped[-1]:.0%} of completions hit max_completion_length"
-    return None
+    return _off_start(history, "completions/mean_length", s.length_high, s)
 
 
 def repetition_rising(history: list[dict], s: MonitorSettings) -> str | None:
@@ -144,20 +143,12 @@ def zero_std(history: list[dict], s: MonitorSettings) -> str | None:
 
 def entropy_collapse(history: list[dict], s: MonitorSettings) -> str | None:
     """Token entropy falling far below its starting level (the policy has stopped exploring)."""
-    values = _series(history, "entropy")
-    base = _baseline(values, s)
-    if base and values[-1] < s.entropy_low * base:
-        return f"entropy {values[-1]:.3f} is below {s.entropy_low:g} x its start ({base:.3f})"
-    return None
+    return _off_start(history, "entropy", s.entropy_low, s)
 
 
 def entropy_blowup(history: list[dict], s: MonitorSettings) -> str | None:
     """Token entropy rising far above its starting level (the policy is turning to noise)."""
-    values = _series(history, "entropy")
-    base = _baseline(values, s)
-    if base and values[-1] > s.entropy_high * base:
-        return f"entropy {values[-1]:.3f} is above {s.entropy_high:g} x its start ({base:.3f})"
-    return None
+    return _off_start(history, "entropy", s.entropy_high, s)
 
 
 def _spike(key: str, factor: float, values: list[float], s: MonitorSettings) -> str | None:

@@ -22,7 +22,8 @@ def _pct(x: float) -> str:
 def _stage_section(run_dir: Path, stage: str) -> list[str]:
     folder = run_dir / stage
     title = {"sft": "SFT (DoRA + rsLoRA)", "grpo": "GRPO"}[stage]
-    if not rundir.is_done(run_dir, stage):
+    # A stage the monitor stopped is unfinished but has a summary worth reporting.
+    if not rundir.is_done(run_dir, stage) and not (folder / "summary.json").is_file():
         return [f"## {title}", "", "Not run (or not finished).", ""]
     s = rundir.read_json(folder / "summary.json")
     p = s["parameters"]
@@ -33,8 +34,20 @@ def _stage_section(run_dir: Path, stage: str) -> list[str]:
              f"- adapter: {p['trainable_parameters']:,} trainable parameters; "
              f"{p['trainable_tensors_changed']}/{p['trainable_tensors']} adapter tensors changed, "
              f"{p['frozen_tensors_changed']}/{p['frozen_tensors']} base tensors changed"]
+    if s.get("dropped_overlong") or s.get("validation_examples"):
+        lines.append(f"- {s.get('dropped_overlong', 0)} rows dropped as longer than max_length; "
+                     f"{s.get('validation_examples', 0)} held out" +
+                     (f", final eval loss {s['eval_loss']:.4f}" if s.get("eval_loss") is not None else ""))
+    if s.get("resumed_from"):
+        lines.append(f"- resumed from `{s['resumed_from']}`")
+    events = read_metrics(folder / "events.jsonl")  # same JSON-lines shape
+    if events:
+        lines.append(f"- monitor: {len(events)} event(s): " + "; ".join(
+            f"step {e['step']} {e['rule']} ({e['action']})" for e in events[:8]) + " (see events.jsonl)")
+    if s.get("stopped_by_monitor"):
+        lines.append(f"- **stopped by the monitor**: {s['stopped_by_monitor']['message']}")
     rows = read_metrics(folder / "metrics.jsonl")
-    keys = [k for k in ("loss", "reward") if any(k in r for r in rows)]
+    keys = [k for k in ("loss", "eval_loss", "reward") if any(k in r for r in rows)]
     keys += sorted({k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
     if rows and keys:
         lines += ["", "| metric | first | last |", "|---|---|---|"]
