@@ -25,33 +25,13 @@ from gazal.tasks import Item, messages, score
 log = logging.getLogger(__name__)
 
 
-def _finished_rows(path: Path) -> list[dict]:
-    """Rows already written. A line torn by a kill is cut off so new rows append cleanly."""
-    if not path.is_file():
-        return []
-    rows, good = [], []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if not line.endswith("\n"):
-            break
-        rows.append(row)
-        good.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(good), encoding="utf-8")
-    tmp.replace(path)
-    return rows
-
-
 def evaluate_items(name: str, items: list[Item], generator, recipe: Recipe, folder: Path) -> dict:
     """Generate and score every unfinished batch into folder/samples.jsonl, then compute metrics."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "samples.jsonl"
     n = recipe.eval.num_samples
     counts: dict[str, int] = {}
-    for row in _finished_rows(path):
+    for row in rundir.finished_rows(path):
         counts[row["id"]] = counts.get(row["id"], 0) + 1
     size = recipe.eval.batch_size
     batches = [items[i:i + size] for i in range(0, len(items), size)]
@@ -74,7 +54,7 @@ def evaluate_items(name: str, items: list[Item], generator, recipe: Recipe, fold
             fh.flush()
             bar.update(len(batch))
     wanted = {it.id for it in items}
-    return metrics([r for r in _finished_rows(path) if r["id"] in wanted])
+    return metrics([r for r in rundir.finished_rows(path) if r["id"] in wanted])
 
 
 def _resumable(run_dir: Path, recipe: Recipe, model_path: str) -> tuple[str, ...]:

@@ -109,6 +109,24 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def finished_rows(path: Path) -> list[dict]:
+    """Rows of an append-only JSONL file. A line torn by a kill is cut off, so new rows append cleanly."""
+    if not path.is_file():
+        return []
+    rows, good = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not line.endswith("\n"):
+            break
+        rows.append(row)
+        good.append(line)
+    write_text(path, "".join(good))
+    return rows
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 

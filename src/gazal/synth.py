@@ -88,22 +88,8 @@ def parse_example(text: str) -> dict[str, str]:
 
 
 def _done(path: Path, final_only: bool = False) -> set[str]:
-    """Keys recorded in a JSONL file; a line torn by a kill is cut off so appends stay clean."""
-    if not path.is_file():
-        return set()
-    keys, good = set(), []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if not line.endswith("\n"):
-            break
-        good.append(line)
-        if not final_only or row.get("final"):
-            keys.add(row["key"])
-    rundir.write_text(path, "".join(good))
-    return keys
+    """Keys recorded in an items or failures file (with final_only, only final failures)."""
+    return {row["key"] for row in rundir.finished_rows(path) if not final_only or row.get("final")}
 
 
 class Synthesizer:
