@@ -127,6 +127,17 @@ def test_clinical_structure():
     assert all(0.0 <= v <= 1.0 for v in got)
 
 
+def test_prompt_echoed_as_reasoning_earns_no_length_or_quality_reward():
+    echo = f"<think>{ITEM.question}</think>\nThe answer is C."
+    prompts = [[{"role": "user", "content": ITEM.question}]] * 2
+    cos = resolve_reward("cosine_length", {"max_len": 200})
+    got = cos(completions=[GOOD, echo], answer=["C"] * 2, options=[OPTS] * 2, completion_ids=[[0] * 20] * 2,
+              prompts=prompts)
+    assert got[0] > 0.5 and got[1] == -0.5  # the echo is short and correct, and still gets the floor
+    rep = resolve_reward("repetition")
+    assert rep(completions=[GOOD, echo], options=[OPTS] * 2, prompts=prompts) == [0.0, -1.0]
+
+
 def test_overlong():
     fn = resolve_reward("overlong", {"cache": 10}, max_completion_length=100)
     got = fn(completions=["x"] * 5, completion_ids=[[0] * n for n in (50, 90, 95, 100, 130)])

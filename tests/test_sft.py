@@ -18,7 +18,7 @@ from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model
 from gazal.sft import build_trainer, drop_overlong, to_chat
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.name_or_path=gazal:tiny-qwen3", "sft.max_length=512", "sft.learning_rate=1e-2"]
+TINY = ["model.name_or_path=gazal:tiny-qwen3", "sft.max_length=1536", "sft.learning_rate=1e-2"]
 
 
 def _recipe(*overrides):

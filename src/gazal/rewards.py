@@ -99,6 +99,13 @@ def parse(text: str, labels: Sequence[str], options: Mapping[str, str] | None, m
     return Parsed(think, after, True, "ok")
 
 
+def earns_quality(text: str, labels: Sequence[str], options: Mapping[str, str] | None, prompt: Any = None) -> bool:
+    """Whether length and quality rewards may pay this completion: well-formed, and its reasoning is
+    not the prompt copied back (an echo is short, tidy and says nothing, which a length reward loves)."""
+    parsed = parse(text, labels, options)
+    return parsed.well_formed and not echoes_prompt(parsed.think, prompt_text(prompt))
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
@@ -170,7 +177,8 @@ def cosine_length(min_value_wrong: float = -0.5, max_value_wrong: float = 0.0, m
                   max_value_correct: float = 1.0, max_len: int = 1024, tokenizer=None) -> RewardFn:
     """Cosine length scaling in tokens (Yeo et al. 2025): for a correct answer the reward falls from
     max_value_correct (0 tokens) to min_value_correct (max_len); for a wrong one it rises from
-    min_value_wrong to max_value_wrong. Ill-formed completions get the floor of the whole range."""
+    min_value_wrong to max_value_wrong. Ill-formed completions, and reasoning that echoes the prompt,
+    get the floor of the whole range."""
     if max_len <= 0:
         raise ValueError("max_len must be positive")
     floor = min(min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)
@@ -180,7 +188,8 @@ def cosine_length(min_value_wrong: float = -0.5, max_value_wrong: float = 0.0, m
         return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
     def cosine_length_reward(completions: list, answer: list, options: list | None = None, labels: list | None = None,
-                             completion_ids: list | None = None, **_: Any) -> list[float | None]:
+                             completion_ids: list | None = None, prompts: list | None = None,
+                             **_: Any) -> list[float | None]:
         lengths = _lengths(completions, completion_ids, tokenizer)
         out: list[float | None] = []
         for i, completion in enumerate(completions):
@@ -189,7 +198,7 @@ def cosine_length(min_value_wrong: float = -0.5, max_value_wrong: float = 0.0, m
             text = completion_text(completion)
             if gold is None:
                 out.append(None)
-            elif not parse(text, lab, opts).well_formed:
+            elif not earns_quality(text, lab, opts, prompts[i] if prompts else None):
                 out.append(floor)
             elif score(text, gold, lab, opts)[1]:
                 out.append(cosine(lengths[i], max_value_correct, min_value_correct))
@@ -202,17 +211,17 @@ def cosine_length(min_value_wrong: float = -0.5, max_value_wrong: float = 0.0, m
 
 def repetition(ngram_size: int = 3, max_penalty: float = -1.0) -> RewardFn:
     """Penalty in [max_penalty, 0] for repeated word n-grams: max_penalty * (1 - unique / total).
-    Ill-formed completions get max_penalty."""
+    Ill-formed completions, and reasoning that echoes the prompt, get max_penalty."""
     if max_penalty > 0 or ngram_size < 1:
         raise ValueError("max_penalty must be <= 0 and ngram_size >= 1")
 
     def repetition_reward(completions: list, options: list | None = None, labels: list | None = None,
-                          **_: Any) -> list[float]:
+                          prompts: list | None = None, **_: Any) -> list[float]:
         out = []
         for i, completion in enumerate(completions):
             lab, opts = _row(i, options, labels)
             text = completion_text(completion)
-            if not parse(text, lab, opts).well_formed:
+            if not earns_quality(text, lab, opts, prompts[i] if prompts else None):
                 out.append(max_penalty)
                 continue
             grams = _ngrams(_words(text), ngram_size)
