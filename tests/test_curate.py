@@ -73,7 +73,7 @@ def test_schema_length_and_duplicates_are_dropped_with_reasons(tmp_path):
     code, kept, report = _curate(tmp_path, rows)
     assert code == 0 and len(kept) == 2
     assert report["dropped"] == {"schema": 2, "too_short": 1, "too_long": 0, "exact_duplicate": 1,
-                                 "near_duplicate": 1, "contaminated": 0}
+                                 "near_duplicate": 1, "contaminated": 0, "judge_rejected": 0}
     assert "reasoning" in report["examples"]["schema"][0]["detail"]
     assert "not one of the options" in report["examples"]["schema"][1]["detail"]
     md = (tmp_path / "out.report.md").read_text()
@@ -100,3 +100,33 @@ def test_seed_sets_are_big_balanced_and_well_formed():
     assert all(len(it.options) in (4, 5) and it.answer in it.options and it.category for it in items)
     letters = collections.Counter(it.answer for it in items)
     assert max(letters[x] for x in "ABCD") < 2 * min(letters[x] for x in "ABCD")  # no letter bias to learn
+
+
+def test_judge_endpoint_drops_rows_it_calls_incorrect(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Judge(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            verdict = "INCORRECT." if "Stated answer: The answer is D" in body["messages"][0]["content"] else "CORRECT"
+            out = json.dumps({"id": "j", "object": "chat.completion", "created": 0, "model": "judge", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": verdict}, "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rows = [json.loads(line) for line in seed_path("seed:sft").read_text().splitlines()[:3]]
+    rows[1] = {**rows[1], "answer": "The answer is D."}  # a wrong key planted in one row
+    try:
+        code, kept, report = _curate(tmp_path, rows, f"curate.judge_base_url=http://127.0.0.1:{server.server_address[1]}/v1")
+    finally:
+        server.shutdown()
+    assert code == 0 and report["dropped"]["judge_rejected"] == 1 and len(kept) == 2 and report["judge"]

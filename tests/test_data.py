@@ -42,3 +42,18 @@ def test_bad_rows_name_file_line_and_field(tmp_path, loader, raw, expected):
         loader(_jsonl(tmp_path, None, raw))
     for piece in expected:
         assert piece in str(info.value)
+
+
+def test_hub_multiple_choice_rows_map_to_gazal_shape():
+    from gazal.data import hub_mcq_row, mcq_item
+
+    # TachyHealth/medical_grpo style: options as lines of the question, answer as a letter.
+    row = hub_mcq_row({"question": "Which vitamin deficiency causes scurvy?\nA. Vitamin A\nB. Vitamin C\n"
+                                   "C. Vitamin D\nD. Vitamin K", "answer": "#### B"})
+    item = mcq_item(row, "hub[0]")
+    assert item.question == "Which vitamin deficiency causes scurvy?"
+    assert item.options == {"A": "Vitamin A", "B": "Vitamin C", "C": "Vitamin D", "D": "Vitamin K"} and item.answer == "B"
+    listed = mcq_item(hub_mcq_row({"question": "q", "options": ["x", "y", "z"], "answer": "C."}), "hub[1]")
+    assert listed.options == {"A": "x", "B": "y", "C": "z"} and listed.answer == "C"
+    with pytest.raises(GazalError, match="hub\\[2\\].*options"):
+        mcq_item(hub_mcq_row({"question": "no options here", "answer": "A"}), "hub[2]")

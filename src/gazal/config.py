@@ -396,6 +396,12 @@ class CurateSettings(_Section):
     decontamination_threshold: float = Field(0.2, gt=0, le=1)
     """Drop a row when this fraction of the n-grams of its text or of a benchmark item's (the shorter)
     is shared with that item. Stems shared by many benchmark items are ignored."""
+    judge_base_url: str | None = None
+    """An OpenAI-compatible endpoint that checks each kept row's answer; None: no judge."""
+    judge_model: str = "gazal"
+    """Model name to ask the judge endpoint for."""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the judge's API key (never written anywhere)."""
 
 
 class Recipe(_Section):

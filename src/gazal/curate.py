@@ -28,7 +28,11 @@ from gazal.errors import GazalError
 
 log = logging.getLogger(__name__)
 
-REASONS = ("schema", "too_short", "too_long", "exact_duplicate", "near_duplicate", "contaminated")
+REASONS = ("schema", "too_short", "too_long", "exact_duplicate", "near_duplicate", "contaminated", "judge_rejected")
+JUDGE_PROMPT = (
+    "You are a physician checking teaching material. Below is a medical question or case and its stated final "
+    "answer. Reply with exactly one word: CORRECT if the answer is medically correct for the question, "
+    "INCORRECT otherwise.\n\n{text}\n\nStated answer: {answer}")
 # A benchmark n-gram shared by more items than this is a question stem, not content.
 _STEM_ITEMS = 3
 
@@ -115,9 +119,31 @@ class BenchmarkIndex:
         return score, self.items[best][0]
 
 
-def curate(rows: list[tuple[str, dict]], cfg: CurateSettings, index: BenchmarkIndex | None) -> tuple[list[dict], dict]:
+def make_judge(cfg: CurateSettings):
+    """A function: prompt -> 'CORRECT', 'INCORRECT' or what else the judge said; None without a judge."""
+    if not cfg.judge_base_url:
+        return None
+    import os
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=cfg.judge_base_url, api_key=os.environ.get(cfg.judge_api_key_env) or "EMPTY")
+
+    def judge(prompt: str) -> str:
+        resp = client.chat.completions.create(model=cfg.judge_model, messages=[{"role": "user", "content": prompt}],
+                                              temperature=0, max_tokens=4)
+        words_ = (resp.choices[0].message.content or "").strip().upper().split()
+        return words_[0].strip(".,:;!") if words_ else ""
+
+    return judge
+
+
+def curate(rows: list[tuple[str, dict]], cfg: CurateSettings, index: BenchmarkIndex | None,
+           judge=None) -> tuple[list[dict], dict]:
     """Rows to keep, and a report: counts per reason with a few examples each."""
     from datasketch import MinHash, MinHashLSH
+
+    unclear = 0
 
     kept: list[dict] = []
     dropped: dict[str, list[dict]] = {r: [] for r in REASONS}
@@ -162,13 +188,22 @@ def curate(rows: list[tuple[str, dict]], cfg: CurateSettings, index: BenchmarkIn
             if score >= cfg.decontamination_threshold:
                 drop("contaminated", where, row, f"{score:.0%} {index.n}-gram overlap with {item}")
                 continue
+        if judge is not None:
+            answer = row["answer"] if kind == "sft" else f"{row['answer']}. {row['options'][row['answer']]}"
+            verdict = judge(JUDGE_PROMPT.format(text=row.get("case") or row.get("question"), answer=answer))
+            if verdict == "INCORRECT":
+                drop("judge_rejected", where, row, "the judge called the answer incorrect")
+                continue
+            if verdict != "CORRECT":
+                unclear += 1
         seen.add(digest)
         lsh.insert(where, mh)
         hashes[where] = mh
         kept.append(row)
     report = {"input": len(rows), "kept": len(kept), "dropped": {r: len(v) for r, v in dropped.items()},
               "examples": {r: v[:5] for r, v in dropped.items() if v}, "settings": cfg.model_dump(mode="json"),
-              "benchmarks_checked": index is not None}
+              "benchmarks_checked": index is not None, "judge": cfg.judge_base_url is not None,
+              "judge_unclear_kept": unclear}
     return kept, report
 
 
@@ -187,7 +222,7 @@ def main(path: Path, out: Path, cfg: CurateSettings, benchmarks: Path | None) ->
     """Curate `path` into `out`, with out.report.json and out.report.md beside it."""
     rows = [(f"{path}:{lineno}", row) for lineno, row in read_jsonl(path)]  # a broken line stops here, nothing written
     index = BenchmarkIndex.from_dir(benchmarks, cfg.decontamination_ngram) if benchmarks else None
-    kept, report = curate(rows, cfg, index)
+    kept, report = curate(rows, cfg, index, make_judge(cfg))
     out.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     rundir.write_json(out.with_suffix(".report.json"), report)

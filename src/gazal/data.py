@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -222,8 +223,33 @@ def load_grpo_items(spec: str, limit: int | None = None) -> list[Item]:
     if path is not None:
         items = [mcq_item(row, f"{path}:{lineno}") for lineno, row in read_jsonl(path)]
     else:
-        items = [mcq_item(row, f"{spec}[{i}]") for i, row in enumerate(_hub_rows(spec, ("question", "options", "answer")))]
+        items = [mcq_item(hub_mcq_row(row), f"{spec}[{i}]") for i, row in enumerate(_hub_rows(spec, ("question", "answer")))]
     return items[:limit] if limit else items
+
+
+_OPTION_LINE = re.compile(r"^\s*\(?([A-J])[.):]\s+(.+?)\s*$", re.MULTILINE)
+
+
+def hub_mcq_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A hub multiple-choice row in Gazal's {question, options, answer} shape.
+
+    Options come as a letter -> text dict, as a list (lettered A, B, ...), or, as in
+    TachyHealth/medical_grpo (question and answer-letter columns), as "A. text" lines at the end of
+    the question, which are split off. An answer such as "#### B" or "B." is reduced to its letter.
+    """
+    question, options = row.get("question"), row.get("options")
+    if isinstance(options, list):
+        options = {chr(ord("A") + i): o for i, o in enumerate(options)}
+    elif not isinstance(options, dict) and isinstance(question, str):
+        lines = list(_OPTION_LINE.finditer(question))
+        if len(lines) >= 2:
+            options = {m.group(1): m.group(2) for m in lines}
+            question = question[:lines[0].start()].strip()
+    answer = row.get("answer")
+    if isinstance(answer, str):
+        m = re.fullmatch(r"\s*(?:#+\s*)?\(?([A-J])\)?[.)]?\s*", answer)
+        answer = m.group(1) if m else answer
+    return {**row, "question": question, "options": options, "answer": answer}
 
 
 def _hub_dataset(name: str, config: str | None = None, split: str = "train", revision: str | None = None):
