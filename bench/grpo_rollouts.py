@@ -1,6 +1,6 @@
 """GRPO step time on the demo model: Gazal's merged-weight rollouts vs TRL + PEFT DoRA out of the box.
 
-    python bench/grpo_rollouts.py [--steps 2] [--tokens 64] [--model gazal:smollm2-135m-instruct]
+    python bench/grpo_rollouts.py [--steps 2] [--tokens N] [--model gazal:smollm2-135m-instruct]
 
 Three measurements, each in its own process, on the same prompts with the same DoRA + rsLoRA
 adapter settings, every completion forced to exactly --tokens tokens (so sampling luck cannot
@@ -91,10 +91,15 @@ def one(mode: str, steps: int, tokens: int, model_name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2, help="timed GRPO steps per mode (one more runs as warm-up)")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per completion")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per completion (default: the demo recipe's grpo.max_completion_length)")
     parser.add_argument("--model", default="gazal:smollm2-135m-instruct")
     parser.add_argument("--one", choices=["gazal", "trl", "base"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tokens is None:
+        from gazal.config import load_recipe
+
+        args.tokens = load_recipe("demo").grpo.max_completion_length
     if args.one:
         print(json.dumps(one(args.one, args.steps, args.tokens, args.model)))
         return
