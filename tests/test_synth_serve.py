@@ -52,6 +52,11 @@ def test_serve_speaks_the_openai_contract(tiny_server):
         client.chat.completions.create(model="tiny", messages=[], max_tokens=2)
 
 
+def test_serve_with_a_missing_model_exits_2(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "nope"), "--port", "0"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
 def test_serve_binds_loopback_by_default():
     from gazal.cli import _parser
 

@@ -33,13 +33,19 @@ class ChatModel:
 
     def __init__(self, name_or_path: str, adapter: str | None = None, dtype: str = "float32"):
         path = resolve_model(name_or_path)
-        self.tokenizer = load_tokenizer(path)
-        model = load_model(path, dtype if torch.cuda.is_available() else "float32")
+        try:
+            self.tokenizer = load_tokenizer(path)
+            model = load_model(path, dtype if torch.cuda.is_available() else "float32")
+        except (OSError, ValueError) as exc:
+            raise GazalError(f"--model {name_or_path}: not a loadable model folder or reachable hub id ({exc})") from None
         if adapter:
             from peft import PeftModel
 
-            # Merged once at start: DoRA through PEFT generates several times slower than merged weights.
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            try:
+                # Merged once at start: DoRA through PEFT generates several times slower than merged weights.
+                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            except (OSError, ValueError) as exc:
+                raise GazalError(f"--adapter {adapter}: not a loadable PEFT adapter ({exc})") from None
         self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.lock = threading.Lock()
         self.stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None}
