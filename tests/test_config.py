@@ -48,6 +48,9 @@ def _write(tmp_path, text):
         ("name: x\ngrpo:\n  rewards:\n    - name: nope\n", ["grpo.rewards.0", "unknown reward 'nope'"]),
         ("name: x\ngrpo:\n  rewards:\n    - name: accuracy\n      params: {scale: 2}\n", ["grpo.rewards.0", "scale"]),
         ("name: x\ngrpo:\n  num_generations: 3\n", ["grpo.num_generations"]),
+        # 2 completions per pass x 3 passes per rollout batch: not whole groups of 4.
+        ("name: x\ngrpo:\n  per_device_train_batch_size: 2\n  steps_per_generation: 3\n",
+         ["grpo.num_generations", "steps_per_generation"]),
     ],
 )
 def test_bad_recipes_exit_2_naming_the_key(tmp_path, capsys, text, expected):
@@ -64,6 +67,9 @@ def test_overrides_apply_and_are_validated(tmp_path):
         config.load_recipe("demo", ["sft.lora.r=0"])
     with pytest.raises(GazalError, match="unknown key 'sft.nope'"):
         config.load_recipe("demo", ["sft.nope=1"])
+    # A scheduler transformers would only reject once training starts is caught here, by name.
+    with pytest.raises(GazalError, match="grpo.lr_scheduler_type.*'constant'"):
+        config.load_recipe("demo", ["grpo.lr_scheduler_type=constnt"])
 
 
 def test_unknown_recipe_name():

@@ -64,11 +64,17 @@ def test_continue_mode_trains_the_sft_adapter_itself(sft_run, tmp_path):
 
 def test_new_mode_starts_a_fresh_adapter_on_the_merged_sft_model(sft_run, tmp_path):
     run = _copy_sft(sft_run, tmp_path / "r")
-    assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=2"]) == 0
+    assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=2",
+                 "grpo.lr_scheduler_type=linear", "grpo.steps_per_generation=2"]) == 0
     summary = json.loads((run / "grpo" / "summary.json").read_text())
     assert summary["adapter"] == "new" and summary["base_model"].endswith("sft/merged")
     p = summary["parameters"]
     assert p["trainable_tensors_changed"] > 0 and p["frozen_tensors_changed"] == 0
+    # The recipe's schedule reaches the trainer: linear decay from the peak, not the demo's constant.
+    rows = [r for r in _rows(run / "grpo" / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["learning_rate"] == pytest.approx(1e-2) and rows[1]["learning_rate"] < rows[0]["learning_rate"]
+    # One rollout batch served both steps (steps_per_generation=2): rewards come with the step that sampled it.
+    assert "rewards/format/mean" in rows[0] and "rewards/format/mean" not in rows[1]
 
 
 def test_monitor_stop_ends_the_stage_with_a_clear_message(sft_run, tmp_path, capsys):

@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gazal.errors import GazalError
 
 
+# transformers schedulers that need no extra arguments (cosine_with_min_lr and friends need lr_scheduler_kwargs).
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                    "inverse_sqrt"]
+
+
 class _Section(BaseModel):
     # extra="forbid": a misspelt key is an error, never silently ignored.
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
@@ -146,7 +151,7 @@ class SFTSettings(_Section):
     """Longest example in tokens."""
     warmup_steps: float = Field(0.0, ge=0)
     """Learning-rate warmup: a whole number of steps, or a fraction of all steps if below 1."""
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: Scheduler = "cosine"
     """transformers scheduler name (cosine, linear, constant, ...)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
@@ -237,10 +242,18 @@ class GRPOSettings(_Section):
     """Peak learning rate."""
     max_steps: int = Field(10, gt=0)
     """Optimizer steps."""
+    warmup_steps: float = Field(0.0, ge=0)
+    """Learning-rate warmup: a whole number of steps, or a fraction of all steps if below 1."""
+    lr_scheduler_type: Scheduler = "linear"
+    """transformers scheduler name (linear, TRL's default, decays to zero by max_steps; constant, cosine, ...)."""
     per_device_train_batch_size: int = Field(4, gt=0)
-    """Completions per device per step; must be a multiple of num_generations."""
+    """Completions per device per forward pass; times steps_per_generation, a multiple of num_generations."""
     gradient_accumulation_steps: int = Field(1, gt=0)
     """Forward passes per optimizer step."""
+    steps_per_generation: int | None = Field(None, gt=0)
+    """Forward passes each rollout batch serves (None: gradient_accumulation_steps). Above that, one
+    generation call samples for several optimizer steps, and TRL corrects the staleness by importance
+    sampling; rewards are then logged on the steps that generate."""
     num_generations: int = Field(4, ge=2)
     """Completions sampled per question (the GRPO group)."""
     max_completion_length: int = Field(256, gt=0)
@@ -580,10 +593,13 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
     if recipe.eval.num_samples > 1 and recipe.eval.temperature == 0:
         raise GazalError(f"{where('eval', 'num_samples')}: eval.num_samples > 1 needs eval.temperature > 0 "
                          "(greedy decoding gives the same completion every time)")
-    if recipe.grpo.per_device_train_batch_size * recipe.grpo.gradient_accumulation_steps % recipe.grpo.num_generations:
+    g = recipe.grpo
+    # TRL samples per_device_train_batch_size x steps_per_generation completions per process at once,
+    # whole groups only.
+    if g.per_device_train_batch_size * (g.steps_per_generation or g.gradient_accumulation_steps) % g.num_generations:
         raise GazalError(
-            f"{where('grpo', 'num_generations')}: grpo.num_generations ({recipe.grpo.num_generations}) must divide "
-            "grpo.per_device_train_batch_size x grpo.gradient_accumulation_steps"
+            f"{where('grpo', 'num_generations')}: grpo.num_generations ({g.num_generations}) must divide "
+            "grpo.per_device_train_batch_size x grpo.steps_per_generation (default: gradient_accumulation_steps)"
         )
 
 

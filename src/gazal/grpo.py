@@ -120,6 +120,9 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     args = GRPOConfig(
         **common_args(recipe, cfg, out),
         **vllm,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        steps_per_generation=cfg.steps_per_generation,
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,

@@ -50,12 +50,20 @@ def _stage_section(run_dir: Path, stage: str) -> list[str]:
     keys = [k for k in ("loss", "eval_loss", "reward") if any(k in r for r in rows)]
     keys += sorted({k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
     if rows and keys:
-        lines += ["", "| metric | first | last |", "|---|---|---|"]
+        # One step's reward is a handful of sampled completions: the half means show a trend that
+        # the first and last values alone would drown in noise.
+        lines += ["", "| metric | first | last | mean, first half | mean, second half |", "|---|---|---|---|---|"]
         for k in keys:
             vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
             if vals:
-                lines.append(f"| {k} | {vals[0]:.4f} | {vals[-1]:.4f} |")
+                half = len(vals) // 2
+                early, late = (f"{_mean(vals[:half]):.4f}", f"{_mean(vals[half:]):.4f}") if half else ("-", "-")
+                lines.append(f"| {k} | {vals[0]:.4f} | {vals[-1]:.4f} | {early} | {late} |")
     return lines + [""]
+
+
+def _mean(vals: list[float]) -> float:
+    return sum(vals) / len(vals)
 
 
 def eval_table(res: dict) -> list[str]:
