@@ -75,3 +75,11 @@ def test_overrides_apply_and_are_validated(tmp_path):
 def test_unknown_recipe_name():
     with pytest.raises(GazalError, match="shipped"):
         config.load_recipe("no-such-recipe")
+
+
+def test_grpo_groups_may_span_processes(monkeypatch):
+    # 2 completions per process: whole groups of 4 only when two processes sample together.
+    with pytest.raises(GazalError, match="processes \\(1\\)"):
+        config.load_recipe("demo", ["grpo.per_device_train_batch_size=2"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert config.load_recipe("demo", ["grpo.per_device_train_batch_size=2"]).grpo.per_device_train_batch_size == 2

@@ -1,6 +1,9 @@
 """GRPO stage on the tiny Qwen3: adapter modes, samples, monitor stop, checkpoints and resume."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +110,25 @@ def test_grpo_checkpoints_and_resumes(sft_run, tmp_path):
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
     steps = [r["step"] for r in _rows(run / "grpo" / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]
+
+
+def test_grpo_under_accelerate_launch_with_two_cpu_processes(sft_run, tmp_path):
+    run = _copy_sft(sft_run, tmp_path / "ddp")
+    # Two processes x 2 completions per pass = one group of 4 per step, sampled across both ranks.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gazal", "grpo", "--config", "demo", *TINY,
+           "grpo.max_steps=2", "grpo.per_device_train_batch_size=2", "grpo.samples_every=1", "--run-dir", str(run)]
+    # The ranks import the test's reward module (tiny_rewards) from this folder.
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "grpo" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2
+    p = summary["parameters"]
+    assert p["trainable_tensors_changed"] > 0 and p["frozen_tensors_changed"] == 0
+    # Only the main process writes: one metrics row and one samples batch per step, not one per rank.
+    metrics = [r for r in _rows(run / "grpo" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in metrics] == [1, 2] and all("rewards/format/mean" in r for r in metrics)
+    assert sorted({r["step"] for r in _rows(run / "grpo" / "samples.jsonl")}) == [1, 2]
+    assert rundir.is_done(run, "grpo")

@@ -7,6 +7,7 @@ and bad values are rejected with the full dotted key, the file and line, and the
 from __future__ import annotations
 
 import difflib
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -594,12 +595,15 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
         raise GazalError(f"{where('eval', 'num_samples')}: eval.num_samples > 1 needs eval.temperature > 0 "
                          "(greedy decoding gives the same completion every time)")
     g = recipe.grpo
-    # TRL samples per_device_train_batch_size x steps_per_generation completions per process at once,
-    # whole groups only.
-    if g.per_device_train_batch_size * (g.steps_per_generation or g.gradient_accumulation_steps) % g.num_generations:
+    # TRL samples per_device_train_batch_size x processes x steps_per_generation completions at once,
+    # whole groups only (a group may span processes). WORLD_SIZE is set under accelerate launch/torchrun.
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if g.per_device_train_batch_size * processes * (g.steps_per_generation or g.gradient_accumulation_steps) \
+            % g.num_generations:
         raise GazalError(
             f"{where('grpo', 'num_generations')}: grpo.num_generations ({g.num_generations}) must divide "
-            "grpo.per_device_train_batch_size x grpo.steps_per_generation (default: gradient_accumulation_steps)"
+            f"grpo.per_device_train_batch_size x processes ({processes}) x grpo.steps_per_generation "
+            "(default: gradient_accumulation_steps)"
         )
 
 
