@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 
 from gazal.config import LoraSettings
+from gazal.sharding import full_named_tensors, fsdp2_unsharded, is_zero3, sharding_of, unsharded_loading
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,14 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
 class ParamSnapshot:
     """Remembers trainable tensors exactly and frozen tensors by checksum, to prove what changed.
 
-    Checksums (float64 sum and sum of squares) keep this cheap for large frozen bases.
+    Works on whole values: under ZeRO-3 or FSDP2 each parameter is gathered in turn (a collective,
+    so every rank must take and compare the snapshot). Checksums (float64 sum and sum of squares)
+    keep this cheap for large frozen bases.
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        self.frozen = {n: self._checksum(p) for n, p in model.named_parameters() if not p.requires_grad}
+        self.trainable = {n: t.clone() for n, t in full_named_tensors(model, trainable=True)}
+        self.frozen = {n: self._checksum(t) for n, t in full_named_tensors(model, trainable=False)}
 
     @staticmethod
     def _checksum(p: torch.Tensor) -> tuple[float, float]:
@@ -46,9 +49,8 @@ class ParamSnapshot:
 
     def compare(self, model: torch.nn.Module) -> dict[str, int]:
         """Counts of trainable tensors that changed and frozen tensors that changed (should be 0)."""
-        params = dict(model.named_parameters())
-        changed = sum(not torch.equal(params[n].detach(), before) for n, before in self.trainable.items())
-        frozen_changed = sum(self._checksum(params[n]) != before for n, before in self.frozen.items())
+        changed = sum(not torch.equal(t, self.trainable[n]) for n, t in full_named_tensors(model, trainable=True))
+        frozen_changed = sum(self._checksum(t) != self.frozen[n] for n, t in full_named_tensors(model, trainable=False))
         return {
             "trainable_tensors": len(self.trainable),
             "trainable_tensors_changed": changed,
@@ -95,28 +97,86 @@ def model_card(summary: dict, adapter: bool) -> str:
     return "\n".join(lines)
 
 
-def save_adapter_and_merged(model, tokenizer, folder: Path, summary: dict | None = None) -> None:
-    """Save the adapter to folder/adapter and the merged model to folder/merged, each with a model card."""
-    model.save_pretrained(folder / "adapter")
-    tokenizer.save_pretrained(folder / "adapter")
-    merged = model.merge_and_unload()
-    merged.save_pretrained(folder / "merged")
-    tokenizer.save_pretrained(folder / "merged")
+def save_adapter_and_merged(trainer, tokenizer, folder: Path, base: str, dtype: str,
+                            summary: dict | None = None, trust_remote_code: bool = False) -> None:
+    """Save the trained adapter to folder/adapter and the merged model to folder/merged, with model cards.
+
+    Every process must call this. The adapter is gathered by the trainer's own `save_model` (whole
+    tensors under ZeRO-3 and FSDP, written by the main process). The merged model is then built on
+    the main process only, from the saved adapter and a freshly loaded copy of `base` on the CPU,
+    never from the (possibly sharded) training modules.
+    """
+    adapter_dir, merged_dir = folder / "adapter", folder / "merged"
+    trainer.save_model(str(adapter_dir))
+    if not trainer.accelerator.is_main_process:
+        return
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # the resolved recipe is the record
+    tokenizer.save_pretrained(adapter_dir)
+    merge_saved_adapter(base, adapter_dir, merged_dir, dtype, trust_remote_code)
+    tokenizer.save_pretrained(merged_dir)
     if summary is not None:
-        (folder / "adapter" / "README.md").write_text(model_card(summary, adapter=True), encoding="utf-8")
-        (folder / "merged" / "README.md").write_text(model_card(summary, adapter=False), encoding="utf-8")
+        (adapter_dir / "README.md").write_text(model_card(summary, adapter=True), encoding="utf-8")
+        (merged_dir / "README.md").write_text(model_card(summary, adapter=False), encoding="utf-8")
     log.info("saved adapter and merged model under %s", folder)
 
 
-@contextmanager
-def merged_adapter(model: PeftModel) -> Iterator[PeftModel]:
-    """Run the block with the adapter merged into the base weights (plain-model speed).
+def merge_saved_adapter(base: str, adapter_dir: Path, out: Path, dtype: str, trust_remote_code: bool = False) -> None:
+    """Load `base` on the CPU (never sharded, whatever the launcher set up), apply the saved
+    adapter, merge it into the weights and save the plain model to `out`."""
+    from gazal.models import load_model
 
-    On exit the adapter is unmerged and the base weights are restored from an exact copy, so
-    merge/unmerge round-off never accumulates in frozen weights however many times this runs.
-    Costs one copy of the adapted weights while inside.
+    with unsharded_loading():
+        model = load_model(base, dtype, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out)
+
+
+class MergedRollouts:
+    """Generation on merged weights for a PEFT model, whatever holds its parameters.
+
+    Call `generate_merged(model)` from inside the gather a trainer already does for generation:
+
+    - plain or DDP parameters: merge, generate, unmerge, then restore the base weights from an
+      exact copy so merge/unmerge round-off never accumulates in frozen weights;
+    - ZeRO-3: the parameters must already be gathered whole (TRL's `unwrap_model_for_generation`
+      does it); the merge rewrites the gathered copies, which DeepSpeed drops on exit, so the
+      partitions are untouched and no copy is needed;
+    - FSDP2: every unit is unsharded for the whole generation (see `fsdp2_unsharded`), merged,
+      and resharded after; the shards are untouched.
+    Where the weights are not whole (ZeRO-3 with TRL's gather turned off) the adapter is used as it
+    is, and one log line says so. `calls` counts merged generations, for tests and logs.
     """
-    bases = [m.base_layer.weight for m in model.modules() if isinstance(m, LoraLayer)]
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._warned = False
+
+    def generate(self, model: PeftModel, generate, *args, **kwargs):
+        kind = sharding_of(model)
+        if kind == "zero3" and not _zero3_available(model):
+            if not self._warned:
+                log.warning("merged rollouts: ZeRO-3 weights are not gathered for generation "
+                            "(grpo ds3_gather_for_generation is off); generating through the adapter, "
+                            "which is several times slower for DoRA")
+                self._warned = True
+            return generate(*args, **kwargs)
+        self.calls += 1
+        if kind == "fsdp2":
+            with fsdp2_unsharded(model), _merged(model, restore=False):
+                return generate(*args, **kwargs)
+        with _merged(model, restore=kind == "none"):
+            return generate(*args, **kwargs)
+
+
+def _zero3_available(model: torch.nn.Module) -> bool:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return all(p.ds_status == ZeroParamStatus.AVAILABLE for p in model.parameters() if is_zero3(p))
+
+
+@contextmanager
+def _merged(model: PeftModel, restore: bool) -> Iterator[PeftModel]:
+    bases = [m.base_layer.weight for m in model.modules() if isinstance(m, LoraLayer)] if restore else []
     saved = [w.detach().clone() for w in bases]
     model.merge_adapter()
     try:
@@ -126,3 +186,14 @@ def merged_adapter(model: PeftModel) -> Iterator[PeftModel]:
         with torch.no_grad():
             for w, original in zip(bases, saved):
                 w.copy_(original)
+
+
+@contextmanager
+def merged_adapter(model: PeftModel) -> Iterator[PeftModel]:
+    """Run the block with the adapter merged into the (unsharded) base weights (plain-model speed).
+
+    On exit the adapter is unmerged and the base weights are restored from an exact copy. Costs one
+    copy of the adapted weights while inside. For sharded models use `MergedRollouts`.
+    """
+    with _merged(model, restore=True):
+        yield model

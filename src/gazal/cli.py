@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -155,6 +156,8 @@ def _rewards(args: argparse.Namespace) -> int:
 
 
 def _run_stage(name: str, recipe, run_dir: Path, resume: bool = False) -> None:
+    from gazal import rundir
+
     # Imported here: `gazal validate` and `gazal --help` stay fast without loading torch/TRL.
     if name == "sft":
         from gazal import sft as stage
@@ -163,11 +166,14 @@ def _run_stage(name: str, recipe, run_dir: Path, resume: bool = False) -> None:
     else:
         from gazal import evaluate as stage
     start = time.time()
+    rundir.reset_peak_memory()  # each stage reports its own peak
     print(f"==> {name}", flush=True)
     if name == "eval":
         stage.main(recipe, run_dir)
     else:
         stage.main(recipe, run_dir, resume=resume)
+    # What the stage held must be gone before the next stage loads its own model.
+    gc.collect()
     print(f"<== {name} finished in {time.time() - start:.0f}s", flush=True)
 
 

@@ -287,8 +287,13 @@ class GRPOSettings(_Section):
     """Write a resumable checkpoint every this many steps; 0: none. `--resume` continues from the newest."""
     save_total_limit: int | None = Field(2, gt=0)
     """Keep only the newest N checkpoints (None: all)."""
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    """The adapter trained in this stage, on top of the merged SFT model."""
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(dropout=0.0))
+    """The adapter trained in this stage, on top of the merged SFT model. Its dropout defaults to
+    0: rollouts sample without dropout, so a training forward with it would learn a policy other
+    than the one that sampled."""
+    disable_dropout: bool = True
+    """Turn every dropout layer of the policy off for GRPO (TRL's disable_dropout), adapter dropout
+    included, so the policy that samples is the policy that learns."""
     merged_rollouts: bool = True
     """Generate rollouts with the adapter merged into the weights (base-model speed; DoRA through
     PEFT generates several times slower). False: TRL's default, generating through the adapter."""
@@ -595,6 +600,11 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
         raise GazalError(f"{where('eval', 'num_samples')}: eval.num_samples > 1 needs eval.temperature > 0 "
                          "(greedy decoding gives the same completion every time)")
     g = recipe.grpo
+    if g.lora.dropout > 0 and not g.disable_dropout:
+        raise GazalError(
+            f"{where('grpo', 'lora', 'dropout')}: grpo.lora.dropout={g.lora.dropout} with grpo.disable_dropout "
+            "false: rollouts sample without dropout, so the policy that learns would not be the one that "
+            "sampled; set grpo.lora.dropout=0 or grpo.disable_dropout=true")
     # TRL samples per_device_train_batch_size x processes x steps_per_generation completions at once,
     # whole groups only (a group may span processes). WORLD_SIZE is set under accelerate launch/torchrun.
     processes = int(os.environ.get("WORLD_SIZE", "1"))

@@ -100,7 +100,7 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         entry.update(evaluate_items(name, items, generator, recipe, out / name))
         results["benchmarks"][name] = entry
         log.info("%s: accuracy %.3f (n=%d)", name, entry["accuracy"], entry["n"])
-    results["peak_rss_mb"] = rundir.peak_rss_mb()
+    results.update(rundir.peak_memory())
     rundir.write_json(out / "results.json", results)
     rundir.finish_stage(run_dir, "eval")
     return results

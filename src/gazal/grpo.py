@@ -11,7 +11,7 @@ from peft import PeftModel
 from trl import GRPOConfig, GRPOTrainer
 
 from gazal import audit, rundir
-from gazal.adapters import lora_config, merged_adapter, upcast_dora_magnitudes
+from gazal.adapters import MergedRollouts, lora_config, upcast_dora_magnitudes
 from gazal.config import Recipe
 from gazal.data import load_grpo_items
 from gazal.errors import GazalError
@@ -19,7 +19,7 @@ from gazal.models import load_model, load_tokenizer, resolve_model
 from gazal.monitor import JsonlMetrics, MonitorCallback
 from gazal.rewards import completion_text, prompt_text, resolve_reward
 from gazal.tasks import messages
-from gazal.training import common_args, resume_checkpoint, train_and_save
+from gazal.training import common_args, restore_checkpoint, resume_checkpoint, train_and_save
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +28,38 @@ class GazalGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose transformers rollouts run on merged weights, and which writes rollout samples.
 
     PEFT computes DoRA's weight norm in every forward, so generating through the adapter is several
-    times slower than through the base model. Before each rollout the adapter is merged into the
-    base weights and taken out again afterwards (see `merged_adapter`). vLLM rollouts are untouched
-    (TRL syncs merged weights to vLLM itself).
+    times slower than through the base model. For each rollout the adapter is merged into the
+    weights and taken out again afterwards. The merge has to see whole weights, so it happens
+    inside TRL's own generation context, after TRL has gathered ZeRO-3 parameters: the model's
+    `generate` is wrapped for the length of one `_generate_single_turn` call, and TRL calls it
+    inside that gather (see `adapters.MergedRollouts` for ZeRO-3, FSDP2 and plain parameters).
+    vLLM rollouts are untouched (TRL syncs merged weights to vLLM itself).
+    tests/test_grpo.py fails if TRL stops calling `_generate_single_turn` or `generate`.
     """
 
     merged_rollouts: bool = True
     samples_every: int = 0
     samples_dir: Path | None = None
 
+    def __init__(self, *args, **kwargs):
+        self.rollouts = MergedRollouts()
+        super().__init__(*args, **kwargs)
+
     def _generate_single_turn(self, *args, **kwargs):
         model = self.accelerator.unwrap_model(self.model)
         if not self.merged_rollouts or self.use_vllm or not isinstance(model, PeftModel):
             return super()._generate_single_turn(*args, **kwargs)
-        with merged_adapter(model):
+        # FSDP registers its own instance-level `generate`; it is kept and put back as it was.
+        own = model.__dict__.get("generate")
+        generate = model.generate
+        model.generate = lambda *a, **k: self.rollouts.generate(model, generate, *a, **k)
+        try:
             return super()._generate_single_turn(*args, **kwargs)
+        finally:
+            if own is None:
+                del model.generate
+            else:
+                model.generate = own
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
@@ -111,7 +128,6 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                                recipe.model.trust_remote_code)
     audit.check_or_refuse(recipe, tokenizer)  # before loading weights: a gameable reward stops here
     reward_funcs = [resolve_reward(s.name, s.params, tokenizer, cfg.max_completion_length) for s in cfg.rewards]
-    model, peft_config, base = _policy(recipe, run_dir)
 
     vllm = {"use_vllm": cfg.use_vllm}
     if cfg.use_vllm:
@@ -135,7 +151,13 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         mask_truncated_completions=cfg.mask_truncated_completions,
         num_iterations=cfg.num_iterations,
         reward_weights=[spec.weight for spec in cfg.rewards],
+        # Merged-weight rollouts sample without dropout; the learning forward must match them.
+        disable_dropout=cfg.disable_dropout,
     )
+    # The model comes after the arguments: they set up the distributed state, under which
+    # from_pretrained partitions weights as they load (ZeRO-3's zero.Init) or loads them on rank 0
+    # only (FSDP's CPU-RAM-efficient loading), instead of a whole copy in every process.
+    model, peft_config, base = _policy(recipe, run_dir)
     monitor = MonitorCallback(cfg.monitor, out / "events.jsonl") if cfg.monitor.enabled else None
     trainer = GazalGRPOTrainer(
         model=model,
@@ -148,10 +170,13 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     )
     trainer.merged_rollouts, trainer.samples_every, trainer.samples_dir = cfg.merged_rollouts, cfg.samples_every, out
     upcast_dora_magnitudes(trainer.model)
+    if monitor is not None:
+        monitor.restore = lambda path: restore_checkpoint(trainer, path)
     checkpoint = resume_checkpoint(out) if resume else None
     summary = {"questions": len(dataset), "base_model": base, "adapter": cfg.adapter,
                "rewards": {spec.name: spec.weight for spec in cfg.rewards}}
     if monitor is not None:
         summary["monitor_rollbacks"] = monitor.rollbacks  # filled in while training
-    return train_and_save(trainer, tokenizer, run_dir, "grpo", summary, checkpoint,
-                          stopped=(lambda: monitor.stopped) if monitor else None)
+    return train_and_save(trainer, tokenizer, run_dir, "grpo", summary, recipe, base, checkpoint,
+                          stopped=(lambda: monitor.stopped) if monitor else None,
+                          extra=lambda: {"merged_rollout_generations": trainer.rollouts.calls})

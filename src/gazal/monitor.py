@@ -232,6 +232,9 @@ class MonitorCallback(TrainerCallback):
         self.path = Path(events_path)
         self.stopped: Event | None = None
         self.rollbacks: list[dict] = []
+        # Loads a checkpoint's adapter, optimizer and scheduler into the running trainer (set by the
+        # stage: `training.restore_checkpoint`, which knows DeepSpeed, FSDP and plain checkpoints).
+        self.restore: Callable[[str], None] | None = None
 
     def _write(self, row: dict) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
@@ -247,7 +250,7 @@ class MonitorCallback(TrainerCallback):
                 control.should_training_stop = True
                 self.stopped = event
             elif event.action == "rollback":
-                restored = rollback(args.output_dir, state.global_step, model, optimizer, lr_scheduler,
+                restored = rollback(args.output_dir, state.global_step, self.restore, optimizer, lr_scheduler,
                                     self.monitor.settings.rollback_lr_factor)
                 if restored is None:
                     row["action"] = "stop"
@@ -263,28 +266,24 @@ class MonitorCallback(TrainerCallback):
                 self._write(row)
 
 
-def rollback(output_dir: str, step: int, model, optimizer, lr_scheduler, lr_factor: float) -> str | None:
-    """Restore the adapter and optimizer from the newest checkpoint before `step`; scale the LR.
+def rollback(output_dir: str, step: int, restore: Callable[[str], None], optimizer, lr_scheduler,
+             lr_factor: float) -> str | None:
+    """Restore adapter, optimizer and scheduler from the newest checkpoint before `step`; scale the LR.
 
     Returns the checkpoint restored, or None when there is none. Trainer counters keep running
-    (the step count is a budget, not a position), and the learning rate of every later step is
-    multiplied by lr_factor.
+    (the step count is a budget, not a position); the scheduler goes back to the checkpoint's
+    position, and the learning rate of every later step is multiplied by lr_factor. Every rank
+    runs this (the monitor sees the same logs everywhere), as sharded loading needs.
     """
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     candidates = []
     for path in Path(output_dir).glob("checkpoint-*"):
         n = path.name.rsplit("-", 1)[1]
         if n.isdigit() and int(n) < step and (path / "trainer_state.json").is_file():
             candidates.append((int(n), path))
-    if not candidates:
+    if not candidates or restore is None:
         return None
     _, path = max(candidates)
-    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-    if optimizer is not None and (path / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    restore(str(path))
     if lr_scheduler is not None:
         lr_scheduler.base_lrs = [lr * lr_factor for lr in lr_scheduler.base_lrs]
     if optimizer is not None:

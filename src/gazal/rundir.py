@@ -88,13 +88,46 @@ def prepare(run_dir: Path, recipe: Recipe) -> None:
     write_json(run_dir / "versions.json", versions())
 
 
+def reset_peak_memory() -> bool:
+    """Start a new peak-memory window (each stage of `gazal run` reports its own peak).
+
+    Linux resets a process's peak resident set (VmHWM) when "5" is written to
+    /proc/self/clear_refs; elsewhere the peak stays the process's lifetime peak, and False is
+    returned. CUDA's peak-allocation counters are reset too.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory since the last reset_peak_memory(), in MiB."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     import resource
     import sys
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB, macOS bytes
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak host memory of this process (and GPU memory when there is one) since the last reset, in MiB."""
+    import torch
+
+    out = {"peak_rss_mb": peak_rss_mb()}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def write_text(path: Path, text: str) -> None:

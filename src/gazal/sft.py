@@ -60,7 +60,6 @@ def build_trainer(recipe: Recipe, out: Path, base: str, tokenizer, train: list[d
     """The SFTTrainer of this stage: chat data, DoRA/rsLoRA adapter, checkpoints and metrics under `out`."""
     cfg = recipe.sft
     tokenizer.padding_side = "right"  # training pads on the right; generation switches to left
-    model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
     eval_args: dict[str, Any] = {}
     if validation:
         eval_args = {"eval_strategy": "steps" if cfg.eval_steps else "epoch", "eval_steps": cfg.eval_steps,
@@ -77,6 +76,10 @@ def build_trainer(recipe: Recipe, out: Path, base: str, tokenizer, train: list[d
         padding_free=cfg.padding_free,
         use_liger_kernel=cfg.use_liger_kernel,
     )
+    # The model comes after the arguments: they set up the distributed state, under which
+    # from_pretrained partitions weights as they load (ZeRO-3's zero.Init) or loads them on rank 0
+    # only (FSDP's CPU-RAM-efficient loading), instead of a whole copy in every process.
+    model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -114,4 +117,4 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     return train_and_save(trainer, trainer.processing_class, run_dir, "sft", {
         "examples": len(train), "validation_examples": len(validation), "dropped_overlong": len(dropped),
         "dropped_overlong_validation": len(dropped_val), "base_model": base,
-        "sources": [s.model_dump(mode="json") for s in recipe.data.sft]}, checkpoint)
+        "sources": [s.model_dump(mode="json") for s in recipe.data.sft]}, recipe, base, checkpoint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -10,10 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gazal import rundir
 from gazal.adapters import ParamSnapshot, save_adapter_and_merged
+from gazal.sharding import sharding_of
 from gazal.config import GRPOSettings, Recipe, SFTSettings
 from gazal.errors import GazalError, TrainingStopped
 
@@ -67,19 +70,60 @@ def resume_checkpoint(out: Path) -> str:
     return str(path)
 
 
-def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[str, Any],
-                   resume_from: str | None = None, stopped: Callable[[], Any] | None = None) -> dict[str, Any]:
+class ChangeCheck(TrainerCallback):
+    """Snapshots the parameters when training begins: after the trainer has wrapped and sharded
+    the model (before that, FSDP's efficient loading leaves other ranks' weights empty) and after a
+    resumed checkpoint is loaded. Every rank takes it, since gathering is collective."""
+
+    def __init__(self) -> None:
+        self.snapshot: ParamSnapshot | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.snapshot = ParamSnapshot(model)
+
+
+def restore_checkpoint(trainer, path: str) -> None:
+    """Load a checkpoint's adapter, optimizer and scheduler into a running trainer, the way the
+    trainer itself resumes (transformers' Trainer._inner_training_loop), so that DeepSpeed,
+    FSDP and plain runs each read their own checkpoint format: DeepSpeed's engine checkpoint,
+    FSDP's sharded state, or PEFT's adapter file with optimizer.pt. Every rank must call it.
+
+    These are private Trainer methods; tests/test_monitor.py runs a rollback end to end and fails
+    if they move.
+    """
+    from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+    if trainer.is_deepspeed_enabled:
+        deepspeed_load_checkpoint(trainer.model_wrapped, path, load_module_strict=False)
+    elif trainer.is_fsdp_enabled:
+        trainer._load_from_checkpoint(path, trainer.model_wrapped)
+    else:
+        trainer._load_from_checkpoint(path)
+    trainer._load_optimizer_and_scheduler(path)
+
+
+def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[str, Any], recipe: Recipe,
+                   base: str, resume_from: str | None = None, stopped: Callable[[], Any] | None = None,
+                   extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train, record which parameters changed, save adapter + merged model, summary, then DONE.
 
-    `stopped` tells after training whether a monitor rule stopped it: the outputs are then saved for
-    inspection, but the stage is not marked done and TrainingStopped is raised.
+    Every process runs all of it (the change check and the adapter save gather sharded weights);
+    only the main process writes files. `base` is the model the adapter sits on, from which the
+    merged model is rebuilt. `stopped` tells after training whether a monitor rule stopped it: the
+    outputs are then saved for inspection, but the stage is not marked done and TrainingStopped is
+    raised. `extra` adds summary fields known only after training. What the trainer holds is released before returning, so the next stage of `gazal run`
+    starts from an empty process.
     """
-    snapshot = ParamSnapshot(trainer.model)
+    check = ChangeCheck()
+    trainer.add_callback(check)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     summary = {**summary, "steps": result.global_step, "train_loss": result.training_loss,
-               "resumed_from": resume_from, "processes": trainer.accelerator.num_processes, "seconds": round(time.time() - start, 1),
-               "parameters": snapshot.compare(trainer.model), "peak_rss_mb": rundir.peak_rss_mb()}
+               "resumed_from": resume_from, "processes": trainer.accelerator.num_processes,
+               "sharding": sharding_of(trainer.model), "seconds": round(time.time() - start, 1),
+               "parameters": check.snapshot.compare(trainer.model)}
+    if extra is not None:
+        summary.update(extra())
     evals = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
     if evals:
         summary["eval_loss"] = evals[-1]
@@ -88,16 +132,28 @@ def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[
         summary["stopped_by_monitor"] = {"step": event.step, "rule": event.rule, "message": event.message}
     tokenizer.padding_side = "left"  # saved tokenizers serve batched generation next
     out = run_dir / stage
-    # Under `accelerate launch` every process trains; one writes.
+    save_adapter_and_merged(trainer, tokenizer, out, base, recipe.model.dtype, summary,
+                            recipe.model.trust_remote_code)
+    summary.update(rundir.peak_memory())
     if trainer.accelerator.is_main_process:
-        save_adapter_and_merged(trainer.model, tokenizer, out, summary)
         rundir.write_json(out / "summary.json", summary)
         if event is None:
             rundir.finish_stage(run_dir, stage)
     trainer.accelerator.wait_for_everyone()
+    release(trainer)
     if event is not None:
         raise TrainingStopped(f"{stage} stopped by the monitor at step {event.step}: {event.rule}: {event.message}. "
                               f"Outputs so far are in {out}; events in {out / 'events.jsonl'}. Adjust "
                               f"{stage}.monitor (thresholds or actions) or the recipe, then rerun the stage.")
     log.info("%s: done in %.0fs, loss %.4f", stage, summary["seconds"], summary["train_loss"])
     return summary
+
+
+def release(trainer) -> None:
+    """Drop what a finished trainer holds (model, optimizer, DeepSpeed engine, CUDA cache)."""
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    trainer.callback_handler.model = trainer.callback_handler.optimizer = trainer.callback_handler.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
