@@ -3,7 +3,7 @@
 import torch
 from peft import LoraConfig, get_peft_model
 
-from gazal.adapters import merged_adapter
+from gazal.adapters import MergedRollouts
 from gazal.models import TINY_QWEN3, load_model, load_tokenizer, resolve_model
 
 
@@ -25,9 +25,9 @@ def test_merged_rollout_matches_adapter_and_restores_base_exactly():
         adapter_logits = model(ids).logits
         with model.disable_adapter():
             plain_logits = model(ids).logits
-        with merged_adapter(model):
-            merged_logits = model(ids).logits
-            merged_tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+        rollouts = MergedRollouts()
+        merged_logits = rollouts.generate(model, lambda x: model(x).logits, ids)
+        merged_tokens = rollouts.generate(model, model.generate, ids, max_new_tokens=8, do_sample=False)
         adapter_tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert not torch.allclose(adapter_logits, plain_logits, atol=1e-3)  # the adapter matters
     assert torch.allclose(adapter_logits, merged_logits, atol=1e-4)
@@ -36,3 +36,4 @@ def test_merged_rollout_matches_adapter_and_restores_base_exactly():
         if "base_layer" in n:
             assert torch.equal(p, base_before[n]), n  # bit-exact, not merely close
     assert not any(getattr(m, "merged", False) for m in model.modules())
+    assert rollouts.calls == 2

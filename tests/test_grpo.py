@@ -52,6 +52,9 @@ def test_continue_mode_trains_the_sft_adapter_itself(sft_run, tmp_path):
                  "grpo.max_steps=2", "grpo.samples_every=1"]) == 0
     summary = json.loads((run / "grpo" / "summary.json").read_text())
     assert summary["adapter"] == "continue" and summary["parameters"]["frozen_tensors_changed"] == 0
+    # Both steps' rollouts went through Gazal's merged-weight generate: this fails if TRL stops
+    # calling the overridden _generate_single_turn, or stops generating through model.generate.
+    assert summary["merged_rollout_generations"] == 2
     sft_adapter = load_file(run / "sft" / "adapter" / "adapter_model.safetensors")
     grpo_adapter = load_file(run / "grpo" / "adapter" / "adapter_model.safetensors")
     assert set(sft_adapter) == set(grpo_adapter)  # the same adapter, trained further
@@ -124,7 +127,7 @@ def test_grpo_under_accelerate_launch_with_two_cpu_processes(sft_run, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "grpo" / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 2
+    assert summary["processes"] == 2 and summary["steps"] == 2 and summary["merged_rollout_generations"] == 2
     p = summary["parameters"]
     assert p["trainable_tensors_changed"] > 0 and p["frozen_tensors_changed"] == 0
     # Only the main process writes: one metrics row and one samples batch per step, not one per rank.

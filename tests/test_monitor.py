@@ -123,40 +123,58 @@ def test_stop_action_stops_training_and_records_the_event(tmp_path):
     assert rows == [{"step": cb.stopped.step, "rule": "zero_std", "action": "stop", "message": cb.stopped.message}]
 
 
-def test_rollback_restores_the_checkpoint_and_lowers_the_learning_rate(tmp_path):
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from safetensors.torch import save_file
+def test_rollback_restores_adapter_optimizer_and_scheduler_through_the_trainer(tmp_path):
+    # A real trainer with two checkpoints; rolling back at step 2 must bring back checkpoint-1
+    # exactly, through the trainer's own checkpoint loading (training.restore_checkpoint).
+    from safetensors.torch import load_file
 
-    from gazal.models import TINY_QWEN3, load_model, resolve_model
+    from gazal import config
+    from gazal.data import load_sft_mixture
+    from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model
+    from gazal.sft import build_trainer, to_chat
+    from gazal.training import restore_checkpoint
 
-    model = get_peft_model(load_model(resolve_model(TINY_QWEN3)),
-                           LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    good = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
-    ckpt = tmp_path / "checkpoint-2"
-    ckpt.mkdir()
-    save_file(good, ckpt / "adapter_model.safetensors")
-    torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
-    (ckpt / "trainer_state.json").write_text("{}")
-    with torch.no_grad():  # training goes bad after the checkpoint
-        for p in trainable:
-            p.add_(torch.randn_like(p))
+    recipe = config.load_recipe("demo", ["model.name_or_path=gazal:tiny-qwen3", "sft.max_length=1536",
+                                         "sft.learning_rate=1e-2", "sft.max_steps=2", "sft.save_steps=1",
+                                         "sft.save_total_limit=null", "sft.per_device_train_batch_size=1",
+                                         "sft.lr_scheduler_type=linear"])
+    rows, _ = load_sft_mixture(recipe.data.sft, seed=0, limit=2)
+    base = resolve_model(TINY_QWEN3)
+    trainer = build_trainer(recipe, tmp_path, base, load_tokenizer(base), [to_chat(r, None) for r in rows], [])
+    trainer.train()
+    model, optimizer, scheduler = trainer.model, trainer.optimizer, trainer.lr_scheduler
+    ckpt = tmp_path / "checkpoints" / "checkpoint-1"
+    saved = load_file(ckpt / "adapter_model.safetensors")
+    saved_opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    lr_at_1 = saved_opt["param_groups"][0]["lr"]
 
-    settings = MonitorSettings(actions={"nan_loss": "rollback"})
-    cb = MonitorCallback(settings, tmp_path / "events.jsonl")
+    cb = MonitorCallback(MonitorSettings(actions={"nan_loss": "rollback"}), tmp_path / "events.jsonl")
+    cb.restore = lambda path: restore_checkpoint(trainer, path)
 
     class Args:
-        output_dir = str(tmp_path)
+        output_dir = str(tmp_path / "checkpoints")
 
     for t, row in enumerate(BROKEN["nan_loss"][:13]):
-        cb.on_log(Args, _State(t + 1), _Control(), logs=row, model=model, optimizer=optimizer, lr_scheduler=scheduler)
-    assert [r["restored"] for r in cb.rollbacks] == [str(ckpt)]
-    now = get_peft_model_state_dict(model)
-    assert all(torch.equal(now[k], good[k]) for k in good)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4) and scheduler.base_lrs == [pytest.approx(5e-4)]
-    assert cb.stopped is None
+        cb.on_log(Args, _State(2 if t == 12 else 1), _Control(), logs=row, optimizer=optimizer, lr_scheduler=scheduler)
+    assert [r["restored"] for r in cb.rollbacks] == [str(ckpt)] and cb.stopped is None
+    # The same parameter objects (the optimizer still points at them), now holding checkpoint-1's values.
+    assert {n: p for n, p in model.named_parameters() if p.requires_grad} == params
+    moved = 0
+    for name, p in params.items():
+        key = name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+        assert torch.equal(p.detach(), saved[key]), name
+        moved += not torch.equal(p.detach(), before[name])
+    assert moved > 0  # step 2 had changed them
+    state = optimizer.state_dict()["state"]
+    assert state.keys() == saved_opt["state"].keys()
+    for i in state:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[i][k], saved_opt["state"][i][k]), (i, k)
+    assert scheduler.last_epoch == 1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * lr_at_1)
+    assert scheduler.base_lrs == [pytest.approx(0.5 * 1e-2)] * len(scheduler.base_lrs)
 
 
 def test_rollback_without_a_checkpoint_stops(tmp_path):
@@ -167,5 +185,5 @@ def test_rollback_without_a_checkpoint_stops(tmp_path):
 
     control = _Control()
     for t, row in enumerate(BROKEN["nan_loss"][:13]):
-        cb.on_log(Args, _State(t + 1), control, logs=row, model=None, optimizer=None, lr_scheduler=None)
+        cb.on_log(Args, _State(t + 1), control, logs=row, optimizer=None, lr_scheduler=None)
     assert control.should_training_stop and cb.stopped.rule == "nan_loss" and "no earlier checkpoint" in cb.stopped.message

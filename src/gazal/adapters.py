@@ -186,14 +186,3 @@ def _merged(model: PeftModel, restore: bool) -> Iterator[PeftModel]:
         with torch.no_grad():
             for w, original in zip(bases, saved):
                 w.copy_(original)
-
-
-@contextmanager
-def merged_adapter(model: PeftModel) -> Iterator[PeftModel]:
-    """Run the block with the adapter merged into the (unsharded) base weights (plain-model speed).
-
-    On exit the adapter is unmerged and the base weights are restored from an exact copy. Costs one
-    copy of the adapted weights while inside. For sharded models use `MergedRollouts`.
-    """
-    with _merged(model, restore=True):
-        yield model

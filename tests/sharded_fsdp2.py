@@ -1,0 +1,106 @@
+"""Gazal's sharded code paths on real FSDP2 shards: run by tests/test_sharding.py under
+`torchrun --nproc_per_node 2` (gloo, CPU). accelerate turns FSDP on only for GPU-like devices, so
+torch's `fully_shard` is applied here directly, the way accelerate's FSDP2 plugin wraps a model
+(each decoder layer, then the root), and Gazal's functions are called on the result.
+
+Writes a JSON of findings to argv[1] from rank 0; the test asserts on it.
+"""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from gazal.adapters import MergedRollouts, ParamSnapshot, merge_saved_adapter
+from gazal.models import TINY_QWEN3, load_model, load_tokenizer, resolve_model
+from gazal.sharding import sharding_of
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    path = resolve_model(TINY_QWEN3)
+    tok = load_tokenizer(path)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, use_rslora=True,
+                     init_lora_weights=False, lora_dropout=0.0)
+    model = get_peft_model(load_model(path), cfg)  # same seed on both ranks: the same adapter
+    reference = copy.deepcopy(model).eval()  # whole, unsharded: what one process would compute
+    initial_adapter = {k: v.clone() for k, v in get_peft_model_state_dict(reference).items()}
+
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "generate")  # as transformers' Trainer does for FSDP2
+    model.eval()
+    found: dict = {"sharding": sharding_of(model)}
+    params = dict(model.named_parameters())
+    found["all_dtensor"] = all(isinstance(p, DTensor) for p in params.values())
+    q = params["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    found["local_rows"], found["full_rows"] = q.to_local().shape[0], q.shape[0]
+
+    ids = tok(["<|im_start|>user\nFever, cough and pleuritic chest pain?<|im_end|>\n<|im_start|>assistant\n"],
+              return_tensors="pt")["input_ids"]
+    shards_before = {n: p.to_local().clone() for n, p in params.items()}
+    snapshot = ParamSnapshot(model)
+
+    # Merged rollouts on the sharded model, against the adapter on whole weights.
+    rollouts = MergedRollouts()
+    with torch.no_grad():
+        merged_tokens = rollouts.generate(model, model.generate, ids, max_new_tokens=10, do_sample=False)
+        merged_logits = rollouts.generate(model, lambda x: model(x).logits, ids)
+        adapter_tokens = reference.generate(ids, max_new_tokens=10, do_sample=False)
+        adapter_logits = reference(ids).logits
+        with reference.disable_adapter():
+            plain_logits = reference(ids).logits
+    found["rollout_calls"] = rollouts.calls
+    found["tokens_equal"] = torch.equal(merged_tokens, adapter_tokens)
+    found["new_tokens"] = merged_tokens.shape[1] - ids.shape[1]
+    found["logits_max_diff"] = float((merged_logits - adapter_logits).abs().max())
+    found["adapter_effect"] = float((adapter_logits - plain_logits).abs().max())
+    found["shards_exact_after_rollout"] = all(torch.equal(p.to_local(), shards_before[n]) for n, p in params.items())
+    found["sharded_after_rollout"] = all(isinstance(p, DTensor) for p in model.parameters())
+    found["merged_flag_after"] = any(getattr(m, "merged", False) for m in model.modules())
+
+    # One training step on the shards; the change check must see it on whole values.
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    found["parameters"] = snapshot.compare(model)
+
+    # Adapter gathered whole as accelerate's get_state_dict does for FSDP2, saved by rank 0,
+    # merged there from a fresh base: its logits must be the trained sharded model's.
+    model.eval()
+    with torch.no_grad():
+        trained_logits = model(ids).logits
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        adapter_dir, merged_dir = out.parent / "adapter", out.parent / "merged"
+        model.save_pretrained(adapter_dir, state_dict=full)
+        saved = load_file(adapter_dir / "adapter_model.safetensors")
+        found["saved_keys_match"] = sorted(saved) == sorted(initial_adapter)
+        found["saved_shapes_match"] = all(saved[k].shape == initial_adapter[k].shape for k in saved)
+        found["saved_nonempty"] = all(t.numel() > 0 for t in saved.values())
+        found["saved_changed"] = sum(not torch.equal(saved[k], initial_adapter[k]) for k in saved)
+        found["saved_tensors"] = len(saved)
+        merge_saved_adapter(path, adapter_dir, merged_dir, "float32")
+        merged = load_model(str(merged_dir)).eval()
+        with torch.no_grad():
+            found["merged_vs_trained_max_diff"] = float((merged(ids).logits - trained_logits).abs().max())
+        out.write_text(json.dumps(found, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
