@@ -3,17 +3,28 @@
 FSDP2: torch's fully_shard applied directly (accelerate enables FSDP only on GPU-like devices, so
 `accelerate launch --use_fsdp` on a CPU silently runs unsharded); tests/sharded_fsdp2.py calls
 Gazal's functions on the shards.
+
+DeepSpeed ZeRO-3: `accelerate launch` with the shipped CPU config runs the real trainers
+partitioned (see src/gazal/accelerate/deepspeed_zero3_cpu.yaml for why Gazal's use_cpu matters).
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from gazal.models import TINY_QWEN3, resolve_model
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from gazal.cli import main
+from gazal.models import TINY_QWEN3, load_model, load_tokenizer, resolve_model
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 
 
 def _torchrun(script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -46,3 +57,112 @@ def test_fsdp2_shards_merged_rollouts_change_check_and_merge_from_the_gathered_a
     assert found["saved_keys_match"] and found["saved_shapes_match"] and found["saved_nonempty"]
     assert found["saved_changed"] == found["saved_tensors"] == 42
     assert found["merged_vs_trained_max_diff"] < 1e-4
+
+
+# DeepSpeed ZeRO-3 through accelerate and the real trainers, on 2 CPU processes over gloo, with the
+# shipped CPU config (every tensor partitioned: persistence threshold 0).
+ZERO3_CPU = ROOT / "src" / "gazal" / "accelerate" / "deepspeed_zero3_cpu.yaml"
+TINY = [
+    "model.name_or_path=gazal:tiny-qwen3", "data.sft_limit=8", "data.grpo_limit=8", "sft.max_steps=3",
+    "sft.max_length=1536", "sft.learning_rate=1e-2", "sft.per_device_train_batch_size=2", "sft.lora.dropout=0",
+    "grpo.max_steps=2", "grpo.max_completion_length=12", "grpo.learning_rate=1e-2",
+    "grpo.per_device_train_batch_size=2",  # x 2 processes = one group of 4 per step
+    "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tiny_rewards:length', weight: 1.0}]",
+    "grpo.skip_reward_audit=true", "eval.limit=3", "eval.max_new_tokens=8", "eval.batch_size=3",
+]
+
+
+def _launch(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO3_CPU),
+           "--main_process_port", "0", "-m", "gazal", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, benchmarks_dir):
+    """The same tiny recipe run by `gazal run` under ZeRO-3 (2 processes) and in one plain process."""
+    resolve_model(TINY_QWEN3)
+    root = tmp_path_factory.mktemp("zero3")
+    args = ["--config", "demo", f"eval.benchmarks_dir={benchmarks_dir}", *TINY]
+    proc = _launch("run", "--run-dir", str(root / "zero3"), *args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # One process samples the whole group of 4 itself.
+    assert main(["run", "--run-dir", str(root / "single"), *args, "grpo.per_device_train_batch_size=4"]) == 0
+    return root / "zero3", root / "single"
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_zero3_gazal_run_trains_sharded_and_saves_what_one_process_saves(runs):
+    zero3, single = runs
+    for stage in ("sft", "grpo"):
+        s = json.loads((zero3 / stage / "summary.json").read_text())
+        assert s["processes"] == 2 and s["sharding"] == "zero3", stage
+        p = s["parameters"]  # Gazal's change check, on gathered partitions
+        assert p["trainable_tensors_changed"] == p["trainable_tensors"] == 42 and p["frozen_tensors_changed"] == 0
+        for part in ("adapter", "merged"):
+            assert _files(zero3 / stage / part) == _files(single / stage / part), (stage, part)
+        adapter = load_file(zero3 / stage / "adapter" / "adapter_model.safetensors")
+        reference = load_file(single / stage / "adapter" / "adapter_model.safetensors")
+        assert {k: v.shape for k, v in adapter.items()} == {k: v.shape for k, v in reference.items()}
+        assert all(t.numel() > 0 for t in adapter.values())
+        assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # B starts at zero
+        assert (zero3 / stage / "DONE").is_file() and (zero3 / stage / "adapter" / "README.md").is_file()
+    # Rollouts went through the merged-weight path inside TRL's ZeRO-3 gather.
+    assert json.loads((zero3 / "grpo" / "summary.json").read_text())["merged_rollout_generations"] == 2
+    results = json.loads((zero3 / "eval" / "results.json").read_text())
+    assert results["model"].endswith("grpo/merged") and results["benchmarks"]["medqa"]["n"] == 3
+    assert (zero3 / "report.md").is_file()
+
+
+def test_zero3_merged_models_are_their_base_plus_the_saved_adapter(runs):
+    zero3, _ = runs
+    tok = load_tokenizer(str(zero3 / "sft" / "merged"))
+    ids = tok(["<|im_start|>user\nFever and neck stiffness?<|im_end|>\n"], return_tensors="pt")["input_ids"]
+    for stage in ("sft", "grpo"):
+        base = json.loads((zero3 / stage / "summary.json").read_text())["base_model"]
+        with torch.no_grad():
+            plain = load_model(base).eval()
+            base_logits = plain(ids).logits
+            adapted = PeftModel.from_pretrained(plain, str(zero3 / stage / "adapter")).eval()
+            expected = adapted(ids).logits
+            merged = load_model(str(zero3 / stage / "merged")).eval()(ids).logits
+        assert torch.allclose(merged, expected, atol=1e-4), stage
+        assert not torch.allclose(merged, base_logits, atol=1e-3), stage  # the adapter is in it
+
+
+def test_zero3_rollback_restores_partitioned_adapter_and_optimizer_exactly(runs, tmp_path):
+    zero3, _ = runs
+    run = tmp_path / "r"
+    shutil.copytree(zero3 / "sft", run / "sft")
+    # entropy moves a little every step; with thresholds at 1 +- 1e-6 one of the two rules fires at
+    # step 3 (the first step past a window of 2), and its action is to roll back to checkpoint-2.
+    proc = _launch("grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=3", "grpo.save_steps=1",
+                   "grpo.save_total_limit=null", "grpo.monitor.window=2", "grpo.monitor.entropy_low=0.999999",
+                   "grpo.monitor.entropy_high=1.000001",
+                   "grpo.monitor.actions={entropy_collapse: rollback, entropy_blowup: rollback}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    events = [json.loads(line) for line in (run / "grpo" / "events.jsonl").read_text().splitlines()]
+    rolled = [e for e in events if e["action"] == "rollback"]
+    assert [(e["step"], Path(e["restored"]).name) for e in rolled] == [(3, "checkpoint-2")]
+    # The trainer saves checkpoint-3 right after step 3's log, i.e. just after the rollback: its
+    # adapter and every partition of the optimizer must be checkpoint-2's, bit for bit.
+    ckpt = run / "grpo" / "checkpoints"
+    two, three = (load_file(ckpt / f"checkpoint-{n}" / "adapter_model.safetensors") for n in (2, 3))
+    one = load_file(ckpt / "checkpoint-1" / "adapter_model.safetensors")
+    assert all(torch.equal(two[k], three[k]) for k in two)
+    assert all(not torch.equal(one[k], two[k]) for k in two)  # a step does move every tensor
+    for rank in (0, 1):
+        states = [torch.load(next((ckpt / f"checkpoint-{n}").glob(f"global_step*/zero_pp_rank_{rank}_*optim_states.pt")),
+                             weights_only=False)["optimizer_state_dict"] for n in (2, 3)]
+        before, after = (s["optimizer_state_dict"] for s in states)
+        assert all(torch.equal(a, b) for a, b in zip(states[0]["fp32_flat_groups"], states[1]["fp32_flat_groups"]))
+        assert before["state"].keys() == after["state"].keys() and before["state"]
+        for i in before["state"]:
+            for key, value in before["state"][i].items():
+                assert torch.equal(value, after["state"][i][key]), (rank, i, key)
+        assert after["param_groups"][0]["lr"] == pytest.approx(0.5 * before["param_groups"][0]["lr"])

@@ -15,6 +15,7 @@ import torch
 from gazal.config import Recipe
 from gazal.errors import GazalError
 from gazal.models import load_model, load_tokenizer
+from gazal.sharding import unsharded_loading
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ class TransformersGenerator:
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
         self.tokenizer.padding_side = "left"
         dtype = recipe.model.dtype if torch.cuda.is_available() else "float32"
-        self.model = load_model(model_path, dtype, trust_remote_code=recipe.model.trust_remote_code)
+        # A whole model in this process, even after a ZeRO-3 training stage of `gazal run` left
+        # DeepSpeed's config active (it would partition the weights and wait for other ranks).
+        with unsharded_loading():
+            self.model = load_model(model_path, dtype, trust_remote_code=recipe.model.trust_remote_code)
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.model.eval()
@@ -54,6 +58,9 @@ class TransformersGenerator:
             top_k=None,
             num_return_sequences=n,
             pad_token_id=self.tokenizer.pad_token_id,
+            # This process generates alone on a whole model; transformers would otherwise sync every
+            # step with other ranks when a ZeRO-3 config is active.
+            synced_gpus=False,
         )
         flat = []
         for row in out[:, enc["input_ids"].shape[1]:].tolist():
