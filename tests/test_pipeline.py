@@ -118,3 +118,29 @@ def test_grpo_refuses_a_gameable_reward(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "reward audit" in err and "bare_answer" in err and "skip_reward_audit" in err
     assert not (tmp_path / "r" / "grpo" / "DONE").exists()
+
+
+def test_stages_leave_no_model_behind(run_dir: Path):
+    # `gazal run` keeps every stage in one process: what SFT and GRPO held must be gone before the
+    # next stage loads its own model.
+    import gc
+
+    from peft import PeftModel
+    from transformers import PreTrainedModel, Trainer
+
+    gc.collect()
+    alive = [type(o).__name__ for o in gc.get_objects()
+             if isinstance(o, (PeftModel, PreTrainedModel, Trainer, torch.optim.Optimizer))]
+    assert alive == []
+
+
+def test_each_stage_reports_its_own_peak_memory():
+    from gazal import rundir
+
+    assert rundir.reset_peak_memory()  # Linux: VmHWM restarts from the current resident set
+    block = bytearray(300 * 2**20)
+    block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page
+    high = rundir.peak_rss_mb()
+    del block
+    assert rundir.reset_peak_memory()
+    assert rundir.peak_rss_mb() < high - 250

@@ -67,6 +67,7 @@ TINY = [
     "sft.max_length=1536", "sft.learning_rate=1e-2", "sft.per_device_train_batch_size=2", "sft.lora.dropout=0",
     "grpo.max_steps=2", "grpo.max_completion_length=12", "grpo.learning_rate=1e-2",
     "grpo.per_device_train_batch_size=2",  # x 2 processes = one group of 4 per step
+    "grpo.sampler_logprobs=true",  # the sampler's log-probs, computed inside TRL's ZeRO-3 gather
     "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tiny_rewards:length', weight: 1.0}]",
     "grpo.skip_reward_audit=true", "eval.limit=3", "eval.max_new_tokens=8", "eval.batch_size=3",
 ]
@@ -112,8 +113,9 @@ def test_zero3_gazal_run_trains_sharded_and_saves_what_one_process_saves(runs):
         assert all(t.numel() > 0 for t in adapter.values())
         assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # B starts at zero
         assert (zero3 / stage / "DONE").is_file() and (zero3 / stage / "adapter" / "README.md").is_file()
-    # Rollouts went through the merged-weight path inside TRL's ZeRO-3 gather.
-    assert json.loads((zero3 / "grpo" / "summary.json").read_text())["merged_rollout_generations"] == 2
+    # Rollouts went through the merged-weight path inside TRL's ZeRO-3 gather, with their log-probs.
+    grpo = json.loads((zero3 / "grpo" / "summary.json").read_text())
+    assert grpo["merged_rollout_generations"] == 2 and grpo["sampler_logprob_batches"] == 2
     results = json.loads((zero3 / "eval" / "results.json").read_text())
     assert results["model"].endswith("grpo/merged") and results["benchmarks"]["medqa"]["n"] == 3
     assert (zero3 / "report.md").is_file()
@@ -135,16 +137,16 @@ def test_zero3_merged_models_are_their_base_plus_the_saved_adapter(runs):
         assert not torch.allclose(merged, base_logits, atol=1e-3), stage  # the adapter is in it
 
 
-def test_zero3_rollback_restores_partitioned_adapter_and_optimizer_exactly(runs, tmp_path):
+def test_zero3_rollback_restores_partitions_exactly_and_resume_continues(runs, tmp_path):
     zero3, _ = runs
     run = tmp_path / "r"
     shutil.copytree(zero3 / "sft", run / "sft")
     # entropy moves a little every step; with thresholds at 1 +- 1e-6 one of the two rules fires at
     # step 3 (the first step past a window of 2), and its action is to roll back to checkpoint-2.
-    proc = _launch("grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=3", "grpo.save_steps=1",
-                   "grpo.save_total_limit=null", "grpo.monitor.window=2", "grpo.monitor.entropy_low=0.999999",
-                   "grpo.monitor.entropy_high=1.000001",
-                   "grpo.monitor.actions={entropy_collapse: rollback, entropy_blowup: rollback}")
+    args = ["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.save_steps=1", "grpo.save_total_limit=null",
+            "grpo.monitor.window=2", "grpo.monitor.entropy_low=0.999999", "grpo.monitor.entropy_high=1.000001",
+            "grpo.monitor.actions={entropy_collapse: rollback, entropy_blowup: rollback}"]
+    proc = _launch(*args, "grpo.max_steps=3")
     assert proc.returncode == 0, proc.stderr[-4000:]
     events = [json.loads(line) for line in (run / "grpo" / "events.jsonl").read_text().splitlines()]
     rolled = [e for e in events if e["action"] == "rollback"]
@@ -166,3 +168,13 @@ def test_zero3_rollback_restores_partitioned_adapter_and_optimizer_exactly(runs,
             for key, value in before["state"][i].items():
                 assert torch.equal(value, after["state"][i][key]), (rank, i, key)
         assert after["param_groups"][0]["lr"] == pytest.approx(0.5 * before["param_groups"][0]["lr"])
+
+    # --resume under ZeRO-3: a run that ended at step 3 continues from checkpoint-3 to step 4.
+    (run / "grpo" / "DONE").unlink()
+    proc = _launch(*args, "grpo.max_steps=4", "--resume")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run / "grpo" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == 4
+    steps = [json.loads(line)["step"] for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from peft import PeftModel
 from trl import GRPOConfig, GRPOTrainer
@@ -38,28 +39,57 @@ class GazalGRPOTrainer(GRPOTrainer):
     """
 
     merged_rollouts: bool = True
+    sampler_logprobs: bool = False
     samples_every: int = 0
     samples_dir: Path | None = None
 
     def __init__(self, *args, **kwargs):
         self.rollouts = MergedRollouts()
+        self.sampler_logprob_batches = 0
+        self._sampler_logps: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
 
-    def _generate_single_turn(self, *args, **kwargs):
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         model = self.accelerator.unwrap_model(self.model)
         if not self.merged_rollouts or self.use_vllm or not isinstance(model, PeftModel):
-            return super()._generate_single_turn(*args, **kwargs)
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
         # FSDP registers its own instance-level `generate`; it is kept and put back as it was.
         own = model.__dict__.get("generate")
         generate = model.generate
-        model.generate = lambda *a, **k: self.rollouts.generate(model, generate, *a, **k)
+        self._sampler_logps = None
+
+        def sample(*a, **k):
+            sequences = generate(*a, **k)
+            if self.sampler_logprobs:
+                # The log-probs of the sampled tokens under the weights that sampled them (merged),
+                # computed by TRL's own per-token routine (temperature, fused head) while still merged.
+                n = k["input_ids"].shape[1]
+                mask = torch.cat([k["attention_mask"], torch.ones_like(sequences[:, n:])], dim=1)
+                self._sampler_logps, _, _ = self._get_per_token_logps_and_entropies(
+                    model, sequences, mask, sequences.shape[1] - n, batch_size=self.args.per_device_train_batch_size)
+            return sequences
+
+        model.generate = lambda *a, **k: self.rollouts.generate(model, sample, *a, **k)
         try:
-            return super()._generate_single_turn(*args, **kwargs)
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
         finally:
             if own is None:
                 del model.generate
             else:
                 model.generate = own
+        if self._sampler_logps is not None:
+            logprobs = [row[: len(ids)].tolist() for row, ids in zip(self._sampler_logps.float().cpu(), completion_ids)]
+        return completion_ids, logprobs
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self.sampler_logprobs and "sampling_per_token_logps" in out:
+            # The sampler is the behaviour policy: its log-probs are PPO's "old" log-probs, so the
+            # ratio (and its clipping) corrects for what merged bfloat16 weights change. TRL does the
+            # same kind of correction only for vLLM rollouts.
+            out["old_per_token_logps"] = out["sampling_per_token_logps"]
+            self.sampler_logprob_batches += 1
+        return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
@@ -94,6 +124,16 @@ def write_samples(folder: Path, step: int, prompts: list, completions: list, rew
         md.append(f"| …{cell(r['prompt'][-80:], 80)} | {cell(r['completion'], 300)} | {values} | {adv} |")
     with (folder / "samples.md").open("a", encoding="utf-8") as fh:
         fh.write("\n".join(md) + "\n")
+
+
+def sampler_logprobs(cfg, dtype: str) -> bool:
+    """Whether merged rollouts hand their own log-probs to the loss: `grpo.sampler_logprobs`, or by
+    default whenever the policy is not float32. In float32 the merged weights sample what the
+    adapter computes to ~1e-6 nats per token; in bfloat16 the rounding of merged weights moves
+    log-probs by ~0.04 nats (bench/rollout_logprob_gap.py), which the PPO ratio should see."""
+    if cfg.sampler_logprobs is not None:
+        return cfg.sampler_logprobs
+    return dtype != "float32" or cfg.bf16
 
 
 def _policy(recipe: Recipe, run_dir: Path):
@@ -169,6 +209,7 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         callbacks=[JsonlMetrics(out / "metrics.jsonl"), *([monitor] if monitor else [])],
     )
     trainer.merged_rollouts, trainer.samples_every, trainer.samples_dir = cfg.merged_rollouts, cfg.samples_every, out
+    trainer.sampler_logprobs = cfg.merged_rollouts and sampler_logprobs(cfg, recipe.model.dtype)
     upcast_dora_magnitudes(trainer.model)
     if monitor is not None:
         monitor.restore = lambda path: restore_checkpoint(trainer, path)
@@ -179,4 +220,5 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         summary["monitor_rollbacks"] = monitor.rollbacks  # filled in while training
     return train_and_save(trainer, tokenizer, run_dir, "grpo", summary, recipe, base, checkpoint,
                           stopped=(lambda: monitor.stopped) if monitor else None,
-                          extra=lambda: {"merged_rollout_generations": trainer.rollouts.calls})
+                          extra=lambda: {"merged_rollout_generations": trainer.rollouts.calls,
+                                         "sampler_logprob_batches": trainer.sampler_logprob_batches})
