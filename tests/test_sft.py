@@ -223,9 +223,12 @@ def test_shipped_accelerate_configs_parse():
 
     folder = ROOT / "src" / "gazal" / "accelerate"
     names = sorted(p.name for p in folder.glob("*.yaml"))
-    assert names == ["deepspeed_zero3.yaml", "fsdp.yaml"]
+    assert names == ["deepspeed_zero3.yaml", "deepspeed_zero3_cpu.yaml", "fsdp.yaml"]
     zero3 = ClusterConfig.from_yaml_file(str(folder / "deepspeed_zero3.yaml"))
     assert zero3.distributed_type == "DEEPSPEED" and zero3.deepspeed_config["zero_stage"] == 3
+    cpu = ClusterConfig.from_yaml_file(str(folder / "deepspeed_zero3_cpu.yaml"))
+    ds_file = ROOT / cpu.deepspeed_config["deepspeed_config_file"]  # relative to the repository root
+    assert json.loads(ds_file.read_text())["zero_optimization"]["stage"] == 3
     fsdp = ClusterConfig.from_yaml_file(str(folder / "fsdp.yaml"))
     assert fsdp.distributed_type == "FSDP"
 

@@ -39,7 +39,8 @@ class ParamSnapshot:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.trainable = {n: t.clone() for n, t in full_named_tensors(model, trainable=True)}
+        # On the CPU: a large adapter's exact copy should not hold GPU memory for the whole run.
+        self.trainable = {n: t.to("cpu", copy=True) for n, t in full_named_tensors(model, trainable=True)}
         self.frozen = {n: self._checksum(t) for n, t in full_named_tensors(model, trainable=False)}
 
     @staticmethod
@@ -49,7 +50,7 @@ class ParamSnapshot:
 
     def compare(self, model: torch.nn.Module) -> dict[str, int]:
         """Counts of trainable tensors that changed and frozen tensors that changed (should be 0)."""
-        changed = sum(not torch.equal(t, self.trainable[n]) for n, t in full_named_tensors(model, trainable=True))
+        changed = sum(not torch.equal(t.cpu(), self.trainable[n]) for n, t in full_named_tensors(model, trainable=True))
         frozen_changed = sum(self._checksum(t) != self.frozen[n] for n, t in full_named_tensors(model, trainable=False))
         return {
             "trainable_tensors": len(self.trainable),
@@ -71,6 +72,11 @@ def upcast_dora_magnitudes(model: torch.nn.Module) -> int:
     """
     cast = 0
     for name, param in model.named_parameters():
+        # A ZeRO-3 parameter's data is an empty placeholder for its partition: recasting it would
+        # leave the partition in bfloat16 and mix dtypes in DeepSpeed's gathers. There the
+        # optimizer's float32 master weights keep the updates instead.
+        if is_zero3(param):
+            continue
         if "lora_magnitude_vector" in name and param.dtype != torch.float32:
             param.data = param.data.float()
             cast += 1

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -44,6 +45,10 @@ def common_args(recipe: Recipe, cfg: SFTSettings | GRPOSettings, out: Path) -> d
         # Several processes without a GPU: tell the trainer, so it runs DDP over gloo instead of
         # training one independent copy per process.
         "use_cpu": rundir.distributed() and not torch.cuda.is_available(),
+        # At the end of a stage the main process rebuilds the merged model on the CPU (for 32B: load
+        # ~61 GiB, merge, write) while the other processes wait at a barrier; torch's default of 30
+        # minutes for a collective is too short a margin for that.
+        "ddp_timeout": 4 * 3600,
     }
 
 
@@ -135,6 +140,8 @@ def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[
     save_adapter_and_merged(trainer, tokenizer, out, base, recipe.model.dtype, summary,
                             recipe.model.trust_remote_code)
     summary.update(rundir.peak_memory())
+    # Every process's own peak (a collective: each rank contributes its figure).
+    summary["peak_rss_mb_per_process"] = [m["peak_rss_mb"] for m in gather_object([rundir.peak_memory()])]
     if trainer.accelerator.is_main_process:
         rundir.write_json(out / "summary.json", summary)
         if event is None:
