@@ -40,6 +40,7 @@ LAUNCHED = textwrap.dedent("""
 
 
 def run(order: str, model: str, work: Path) -> list[float]:
+    work.mkdir(parents=True, exist_ok=True)
     script = work / "launched.py"
     script.write_text(LAUNCHED)
     run_dir = work / order
@@ -60,7 +61,7 @@ def run(order: str, model: str, work: Path) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gazal:smollm2-135m-instruct")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="each repeat is ~5 minutes on 2 cores")
     args = parser.parse_args()
     print(f"{args.model}: gazal sft under ZeRO-3, 2 CPU processes; peak RSS per process over the stage (MiB)")
     with tempfile.TemporaryDirectory() as tmp:
