@@ -51,6 +51,8 @@ def main(out: Path) -> None:
               return_tensors="pt")["input_ids"]
     shards_before = {n: p.to_local().clone() for n, p in params.items()}
     snapshot = ParamSnapshot(model)
+    with torch.no_grad():
+        forward_before = model(ids).logits
 
     # Merged rollouts on the sharded model, against the adapter on whole weights.
     rollouts = MergedRollouts()
@@ -69,6 +71,8 @@ def main(out: Path) -> None:
     found["shards_exact_after_rollout"] = all(torch.equal(p.to_local(), shards_before[n]) for n, p in params.items())
     found["sharded_after_rollout"] = all(isinstance(p, DTensor) for p in model.parameters())
     found["merged_flag_after"] = any(getattr(m, "merged", False) for m in model.modules())
+    with torch.no_grad():  # what FSDP gathers afresh after the rollout, not a leftover of the unmerge
+        found["forward_exact_after_rollout"] = torch.equal(model(ids).logits, forward_before)
 
     # One training step on the shards; the change check must see it on whole values.
     model.train()

@@ -162,3 +162,34 @@ def test_sampler_logprobs_are_the_old_logprobs_and_match_the_adapter_forward(sft
     summary = json.loads((run / "grpo" / "summary.json").read_text())
     assert summary["sampler_logprob_batches"] == 2 and summary["merged_rollout_generations"] == 2
     assert len(seen) == 2 and max(seen) < 1e-4, seen
+
+
+def test_bf16_sampler_logprobs_come_from_the_merged_weights(sft_run, tmp_path, monkeypatch):
+    # bfloat16 weights: sampler log-probs are on by default, and they must be the merged weights'
+    # (what sampled), not the adapter forward's, which rounds differently.
+    from gazal.adapters import MergedRollouts
+    from gazal.grpo import GazalGRPOTrainer
+
+    gaps = []
+    original = GazalGRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        n, peft = inputs["completion_ids"].shape[1], self.accelerator.unwrap_model(model)
+        with torch.no_grad():
+            learner, _, _ = self._get_per_token_logps_and_entropies(model, ids, mask, n)
+            merged = MergedRollouts().generate(peft, lambda: self._get_per_token_logps_and_entropies(peft, ids, mask, n)[0])
+        m = inputs["completion_mask"].bool()
+        old = inputs["old_per_token_logps"]
+        gaps.append((float((old - merged)[m].abs().max()), float((old - learner)[m].abs().max())))
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(GazalGRPOTrainer, "_compute_loss", spy)
+    run = _copy_sft(sft_run, tmp_path / "r")
+    assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=2",
+                 "model.dtype=bfloat16"]) == 0
+    assert json.loads((run / "grpo" / "summary.json").read_text())["sampler_logprob_batches"] == 2
+    assert len(gaps) == 2
+    assert all(to_merged < 1e-5 for to_merged, _ in gaps), gaps
+    assert any(to_learner > 1e-4 for _, to_learner in gaps), gaps  # the merge does change bf16 log-probs

@@ -49,6 +49,7 @@ def test_fsdp2_shards_merged_rollouts_change_check_and_merge_from_the_gathered_a
     assert found["tokens_equal"] and found["logits_max_diff"] < 1e-4 < found["adapter_effect"]
     # ... and left the shards bit-exact, still sharded, adapter unmerged.
     assert found["shards_exact_after_rollout"] and found["sharded_after_rollout"] and not found["merged_flag_after"]
+    assert found["forward_exact_after_rollout"]  # the forward uses the shards again, bit for bit
     # The change check reads whole values: every adapter tensor moved, no base tensor did.
     p = found["parameters"]
     assert p["trainable_tensors"] == p["trainable_tensors_changed"] == 42 and p["frozen_tensors_changed"] == 0

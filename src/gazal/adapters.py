@@ -70,13 +70,16 @@ def upcast_dora_magnitudes(model: torch.nn.Module) -> int:
     so the guarantee is enforced here after the trainer has built the model. Under ZeRO-3 the
     optimizer keeps float32 master weights, which protects the updates the same way.
     """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        # TRL keeps ZeRO-3 adapters in the base dtype on purpose (autocast_adapter_dtype=False):
+        # DeepSpeed gathers persistent parameters in the first one's dtype, and mixed dtypes fail
+        # (TRL #6089). DeepSpeed's float32 master weights keep the updates instead.
+        log.info("ZeRO-3: DoRA magnitudes stay in the model dtype; DeepSpeed's float32 master weights keep their updates")
+        return 0
     cast = 0
     for name, param in model.named_parameters():
-        # A ZeRO-3 parameter's data is an empty placeholder for its partition: recasting it would
-        # leave the partition in bfloat16 and mix dtypes in DeepSpeed's gathers. There the
-        # optimizer's float32 master weights keep the updates instead.
-        if is_zero3(param):
-            continue
         if "lora_magnitude_vector" in name and param.dtype != torch.float32:
             param.data = param.data.float()
             cast += 1
@@ -182,13 +185,22 @@ def _zero3_available(model: torch.nn.Module) -> bool:
 
 @contextmanager
 def _merged(model: PeftModel, restore: bool) -> Iterator[PeftModel]:
-    bases = [m.base_layer.weight for m in model.modules() if isinstance(m, LoraLayer)] if restore else []
-    saved = [w.detach().clone() for w in bases]
+    """The adapter merged for the block. PEFT's DoRA merge and unmerge replace each base weight's
+    `.data` with a new tensor rather than writing into it, so the original tensors are put back
+    afterwards: under FSDP2 they are views into FSDP's all-gather buffers, and a replaced one would
+    stay allocated through every later reshard and feed every later forward the unmerge's
+    round-off. With `restore`, their values are also reset from exact copies (plain parameters,
+    where a LoRA merge writes in place)."""
+    bases = [m.base_layer.weight for m in model.modules() if isinstance(m, LoraLayer)]
+    tensors = [w.data for w in bases]
+    saved = [t.clone() for t in tensors] if restore else []
     model.merge_adapter()
     try:
         yield model
     finally:
         model.unmerge_adapter()
         with torch.no_grad():
-            for w, original in zip(bases, saved):
-                w.copy_(original)
+            for w, t in zip(bases, tensors):
+                w.data = t
+            for t, original in zip(tensors, saved):
+                t.copy_(original)

@@ -301,7 +301,7 @@ class GRPOSettings(_Section):
     """With merged rollouts: compute each sampled token's log-prob under the merged weights that
     sampled it and use it as PPO's old log-prob, so the ratio corrects for the difference between
     merged sampling and the adapter forward that learns (one extra forward per rollout batch).
-    None: on when the policy is not float32 (bfloat16 rounding of merged weights is measurable)."""
+    None: on when model.dtype is not float32 (bfloat16 rounding of merged weights is measurable)."""
     adapter: Literal["new", "continue"] = "new"
     """new: merge the SFT adapter into the weights and train a fresh adapter on top (the paper's
     two-stage setup); continue: keep training the SFT adapter itself on the base model."""

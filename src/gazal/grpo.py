@@ -128,12 +128,14 @@ def write_samples(folder: Path, step: int, prompts: list, completions: list, rew
 
 def sampler_logprobs(cfg, dtype: str) -> bool:
     """Whether merged rollouts hand their own log-probs to the loss: `grpo.sampler_logprobs`, or by
-    default whenever the policy is not float32. In float32 the merged weights sample what the
-    adapter computes to ~1e-6 nats per token; in bfloat16 the rounding of merged weights moves
-    log-probs by ~0.04 nats (bench/rollout_logprob_gap.py), which the PPO ratio should see."""
+    default whenever the policy's weights are not float32. In float32 the merged weights sample
+    what the adapter computes to ~1e-6 nats per token; in bfloat16 the rounding of merged weights
+    moves log-probs by ~0.04 nats (bench/rollout_logprob_gap.py), which the PPO ratio should see.
+    float32 weights under bf16 autocast are left out: TRL generates without autocast, so the
+    sampler is float32 there and the log-probs, computed under autocast, would not be its own."""
     if cfg.sampler_logprobs is not None:
         return cfg.sampler_logprobs
-    return dtype != "float32" or cfg.bf16
+    return dtype != "float32"
 
 
 def _policy(recipe: Recipe, run_dir: Path):

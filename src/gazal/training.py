@@ -119,6 +119,11 @@ def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[
     raised. `extra` adds summary fields known only after training. What the trainer holds is released before returning, so the next stage of `gazal run`
     starts from an empty process.
     """
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        # Trainer.save_model writes weights under FSDP only from a full state dict; found out
+        # after training, the adapter would be lost.
+        raise GazalError("the accelerate config's fsdp_state_dict_type must be FULL_STATE_DICT: Gazal saves the "
+                         "adapter gathered whole (see src/gazal/accelerate/fsdp.yaml)")
     check = ChangeCheck()
     trainer.add_callback(check)
     start = time.time()
