@@ -179,3 +179,17 @@ def test_zero3_rollback_restores_partitions_exactly_and_resume_continues(runs, t
     steps = [json.loads(line)["step"] for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4]
+
+
+def test_zero3_bfloat16_grpo_with_dora_and_sampler_logprobs(runs, tmp_path):
+    # The paper-scale setting: bfloat16 weights under ZeRO-3. Recasting DoRA magnitudes to float32
+    # here made DeepSpeed's engine fail at its first step (mixed dtypes in one partition buffer).
+    zero3, _ = runs
+    run = tmp_path / "bf16"
+    shutil.copytree(zero3 / "sft", run / "sft")
+    proc = _launch("grpo", "--config", "demo", "--run-dir", str(run), *TINY, "model.dtype=bfloat16", "grpo.bf16=true")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = json.loads((run / "grpo" / "summary.json").read_text())
+    assert s["sharding"] == "zero3" and s["steps"] == 2
+    assert s["parameters"]["trainable_tensors_changed"] == s["parameters"]["trainable_tensors"] == 42
+    assert s["merged_rollout_generations"] == 2 and s["sampler_logprob_batches"] == 2
