@@ -13,7 +13,7 @@ same code serves the trainers and `fully_shard` applied directly (the CPU tests)
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -57,21 +57,6 @@ def full_named_tensors(model: torch.nn.Module, trainable: bool | None = None) ->
     for name, param in model.named_parameters():
         if trainable is None or param.requires_grad == trainable:
             yield name, full_tensor(param)
-
-
-@contextmanager
-def zero3_gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
-    """ZeRO-3: every given parameter whole on every rank inside the block. With no modifier rank,
-    DeepSpeed drops the gathered copies on exit, so in-place changes made inside never reach the
-    partitions. A no-op for parameters that are not partitioned."""
-    params = [p for p in params if is_zero3(p)]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params):
-        yield
 
 
 def fsdp2_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
