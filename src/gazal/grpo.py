@@ -18,8 +18,8 @@ from gazal.data import load_grpo_items
 from gazal.errors import GazalError
 from gazal.models import load_model, load_tokenizer, resolve_model
 from gazal.monitor import JsonlMetrics, MonitorCallback
-from gazal.rewards import completion_text, prompt_text, resolve_reward
-from gazal.tasks import messages
+from gazal.rewards import resolve_reward
+from gazal.tasks import completion_text, messages, prompt_text
 from gazal.training import common_args, restore_checkpoint, resume_checkpoint, train_and_save
 
 log = logging.getLogger(__name__)

@@ -25,25 +25,9 @@ from typing import Any
 
 from gazal.answer import HEDGE, NO_ANSWER, OK, YES_NO_MAYBE, answer_statements
 from gazal.errors import GazalError
-from gazal.tasks import score
+from gazal.tasks import completion_text, prompt_text, score
 
 RewardFn = Callable[..., list[float | None]]
-
-
-def completion_text(completion: Any) -> str:
-    """TRL passes plain strings for text prompts and [{'role': 'assistant', 'content': ...}] for chat."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(m["content"] for m in completion if m.get("role", "assistant") == "assistant")
-
-
-def prompt_text(prompt: Any) -> str:
-    """The user-visible text of a prompt (string or chat messages)."""
-    if prompt is None:
-        return ""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(m["content"] for m in prompt if m.get("role") != "assistant")
 
 
 def _choices(options: Mapping[str, str | None] | None, labels: Sequence[str] | None) -> tuple[list[str], dict | None]:

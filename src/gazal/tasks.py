@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from gazal.answer import YES_NO_MAYBE, Extraction, extract_answer, is_correct
 from gazal.config import TaskSettings
@@ -60,3 +61,19 @@ def score(completion: str, answer: str, labels: Sequence[str], options: Mapping[
     """Extract the answer of one completion and judge it against the gold label."""
     extraction = extract_answer(completion, labels, options)
     return extraction, is_correct(extraction, answer)
+
+
+def completion_text(completion: Any) -> str:
+    """TRL passes plain strings for text prompts and [{'role': 'assistant', 'content': ...}] for chat."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m["content"] for m in completion if m.get("role", "assistant") == "assistant")
+
+
+def prompt_text(prompt: Any) -> str:
+    """The user-visible text of a prompt (string or chat messages)."""
+    if prompt is None:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt if m.get("role") != "assistant")
