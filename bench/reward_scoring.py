@@ -2,8 +2,9 @@
 
     python bench/reward_scoring.py [--config demo] [--n 10000]
 
-Completions are realistic: honest structured reasoning plus the audit's gaming variants, over the
-bundled GRPO questions, with token ids precomputed as TRL passes them to reward functions. Prints
+Completions are realistic: the audit's honest completions (seed reasoning at several lengths) and its
+gaming variants over the bundled seed cases, with token ids precomputed as TRL passes them to reward
+functions. Prints
 completions/s for the full reward set and for the accuracy reward alone, and their ratio.
 """
 
@@ -13,9 +14,8 @@ import argparse
 import itertools
 import time
 
-from gazal.audit import hacks, honest, reward_tokenizer
+from gazal.audit import audit_set, hacks, honest, reward_tokenizer
 from gazal.config import load_recipe
-from gazal.data import load_grpo_items
 from gazal.rewards import RewardSet, resolve_reward
 from gazal.tasks import messages
 
@@ -28,11 +28,10 @@ def main() -> None:
     args = p.parse_args()
     recipe = load_recipe(args.config)
     tokenizer = reward_tokenizer(recipe)
-    items = load_grpo_items(recipe.data.grpo)
     pool = []
-    for item in items:
-        for text in [honest(item), *hacks(item).values()]:
-            pool.append((item, text, tokenizer(text, add_special_tokens=False)["input_ids"]))
+    for case, other in audit_set(40):
+        for text in [*honest(case).values(), *hacks(case, other).values()]:
+            pool.append((case.item, text, tokenizer(text, add_special_tokens=False)["input_ids"]))
     rows = list(itertools.islice(itertools.cycle(pool), args.n))
     full = RewardSet.from_recipe(recipe, tokenizer)
     accuracy = RewardSet(["accuracy"], [1.0], [resolve_reward("accuracy")])

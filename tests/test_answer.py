@@ -2,7 +2,7 @@
 
 import pytest
 
-from gazal.answer import HEDGE, NO_ANSWER, NOT_AN_OPTION, OK, extract_answer, is_correct
+from gazal.answer import HEDGE, NO_ANSWER, NOT_AN_OPTION, OK, answer_statements, extract_answer, is_correct
 
 ABCD = list("ABCD")
 ABCDE = list("ABCDE")
@@ -10,6 +10,8 @@ A_J = list("ABCDEFGHIJ")
 YNM = ["yes", "no", "maybe"]
 VITAMINS = {"A": "Vitamin B1", "B": "Vitamin B12", "C": "Folate", "D": "Iron"}
 HEPATITIS = {"A": "Hepatitis B", "B": "Hepatitis C", "C": "Hepatitis A", "D": "Hepatitis E"}
+CELLS = {"A": "T cells", "B": "NK cells", "C": "B cells", "D": "Macrophages"}
+BUGS = {"A": "S. aureus", "B": "E. coli", "C": "K. pneumoniae", "D": "P. aeruginosa", "E": "C. difficile"}
 
 CASES = [
     # (completion, labels, options, label, status)
@@ -94,6 +96,68 @@ CASES = [
     ("<think>x</think>\nThe answer is **Vitamin B12**.", ABCD, VITAMINS, "B", OK),
     ("<think>x</think>\nThe answer is vitamin C", ABCD, VITAMINS, None, NO_ANSWER),
     ("<think>x</think>\nThe answer is Hepatitis E or Hepatitis A", ABCD, HEPATITIS, None, HEDGE),
+    # rule 6: a bare capital opening prose is a pronoun or article, even when it is a label (A-J)
+    ("<think>x</think>\nAnswer: I would go with B.", A_J, None, "B", OK),
+    ("<think>x</think>\nI would go with B.", A_J, None, "B", OK),
+    ("<think>x</think>\nThe answer is I think B", A_J, None, "B", OK),
+    ("<think>x</think>\nAnswer: I think it is C", A_J, None, "C", OK),
+    ("<think>x</think>\nI'd pick D.", A_J, None, "D", OK),
+    ("<think>x</think>\nAnswer: I'm not sure.", A_J, None, None, NO_ANSWER),
+    ("<think>x</think>\nI am not sure.", A_J, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is A patient with nephrotic syndrome", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is A diagnosis of exclusion", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nAnswer: A beta blocker", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is B cells", ABCD, CELLS, "C", OK),
+    ("<think>x</think>\nThe answer is E. coli", ABCDE, BUGS, "B", OK),
+    ("<think>x</think>\nThe answer is C. difficile colitis", ABCDE, BUGS, "E", OK),
+    ("<think>x</think>\nThe answer is E. coli", ABCDE, None, None, NO_ANSWER),
+    # ... but a letter that is punctuated, bracketed or explained stays a letter
+    ("<think>x</think>\nAnswer: I", A_J, None, "I", OK),
+    ("<think>x</think>\nThe answer is I.", A_J, None, "I", OK),
+    ("<think>x</think>\nAnswer: I. Nephrotic syndrome", A_J, None, "I", OK),
+    ("<think>x</think>\nAnswer: I) Nephrotic syndrome", A_J, None, "I", OK),
+    ("<think>x</think>\nThe answer is (I) nephrotic syndrome", A_J, None, "I", OK),
+    ("<think>x</think>\nThe answer is I because the rash is vesicular", A_J, None, "I", OK),
+    ("<think>x</think>\nThe answer is A. Nephrotic syndrome", ABCD, None, "A", OK),
+    ("<think>x</think>\nThe answer is A, since the rash is vesicular", ABCD, None, "A", OK),
+    ("<think>x</think>\nThe answer is C is correct", ABCD, None, "C", OK),
+    # "Option B" / "Choice C" alone is a statement of the letter
+    ("<think>x</think>\nOption B", ABCD, None, "B", OK),
+    ("<think>x</think>\nOption B.", ABCD, None, "B", OK),
+    ("<think>x</think>\nChoice C", ABCD, None, "C", OK),
+    ("<think>x</think>\nOption (B)", ABCD, None, "B", OK),
+    ("<think>x</think>\n**Option B**", ABCD, None, "B", OK),
+    ("<think>x</think>\nAnswer: Option D", ABCD, None, "D", OK),
+    ("<think>x</think>\nThe answer is option D.", ABCD, None, "D", OK),
+    ("<think>x</think>\nThe answer is C.\nOption B", ABCD, None, "B", OK),
+    ("<think>x</think>\nOption A is tempting, but the answer is B", ABCD, None, "B", OK),
+    ("<think>x</think>\nAnswer: Option B or C", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nOption F", ABCDE, None, None, NOT_AN_OPTION),
+    ("<think>x</think>\nThe best option is a biopsy.", ABCD, None, None, NO_ANSWER),
+    # rule 7: lowercase letters in forms prose never uses map to the capital labels
+    ("<think>x</think>\nThe answer is (b).", ABCD, None, "B", OK),
+    ("<think>x</think>\nanswer: c", ABCD, None, "C", OK),
+    ("<think>x</think>\nThe answer is b.", ABCD, None, "B", OK),
+    ("<think>x</think>\nThe answer is a.", ABCD, None, "A", OK),
+    ("<think>x</think>\nThe answer is **d**", ABCD, None, "D", OK),
+    ("<think>x</think>\nThe answer is [c]", ABCD, None, "C", OK),
+    ("<think>x</think>\nThe answer is b) nephrotic syndrome", ABCD, None, "B", OK),
+    ("<think>x</think>\nThe answer is option c", ABCD, None, "C", OK),
+    ("<think>x</think>\nI would go with b.", ABCD, None, "B", OK),
+    ("<think>x</think>\n(b)", ABCD, None, "B", OK),
+    ("<think>x</think>\nb", ABCD, None, "B", OK),
+    ("<think>x</think>\nThe answer is (b) or (c)", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nThe answer is b or c", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nThe answer is (f).", ABCDE, None, None, NOT_AN_OPTION),
+    # ... and a lowercase letter in prose is not a label
+    ("<think>x</think>\nThe answer is a beta blocker", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is a deficiency of vitamin c.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is hepatitis b.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is hepatitis b", ABCD, HEPATITIS, "A", OK),
+    ("<think>x</think>\nThe answer is vitamin C", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is hepatitis B", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is e.g. a beta blocker", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is i.e. folate", ABCD, VITAMINS, "C", OK),
 ]
 
 
@@ -101,6 +165,13 @@ CASES = [
 def test_extract(completion, labels, options, label, status):
     got = extract_answer(completion, labels, options)
     assert (got.label, got.status) == (label, status)
+
+
+@pytest.mark.parametrize("answer_text,label", [("\nOption B\n", "B"), ("\n**Choice (c)**\n", "C"), ("\nb\n", "B")])
+def test_option_line_is_one_answer_statement(answer_text, label):
+    # The format reward counts statements: "Option B" alone is one, like a line holding only "B".
+    [statement] = answer_statements(answer_text, ABCD)
+    assert (statement.extraction.label, statement.extraction.status) == (label, OK)
 
 
 def test_only_clean_answers_earn_credit():

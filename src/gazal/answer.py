@@ -8,10 +8,21 @@ Rules, in order:
 1. If the completion contains </think>, only the text after the last </think> is read; a <think>
    that is never closed means no answer (truncated reasoning).
 2. An explicit answer statement ("the answer is", "Answer:", "Final answer", \\boxed{}, a line
-   holding only the label) wins over labels merely mentioned; the last statement wins.
+   holding only the label, or "Option B" / "Choice C" alone) wins over labels merely mentioned;
+   the last statement wins.
 3. Option text maps to its letter, longest exact match first ("Vitamin B12" is not "Vitamin B1").
 4. Two or more different options in the final statement is a hedge: no answer.
 5. A letter that is not one of the options is no answer (status not_an_option).
+6. A capital letter that opens a sentence is prose, not a letter, when it stands bare before a
+   lowercase word or a contraction, or has a full stop before an all-lowercase word ("E. coli"):
+   "I would go with B" is B, "A patient with ..." is no letter. A word that explains an answer
+   ("A because ...", "C is correct") keeps the letter, and so do brackets, a colon or a capital
+   after the full stop: "(I) ...", "I) ...", "I. Nephrotic syndrome". This holds whether or not
+   the letter is an option, since "I" and "A" are labels once a question has enough options.
+7. On lettered questions a lowercase letter counts only in forms prose never uses: "(b)", "[b]",
+   "b)", "b." opening the statement, "option b", a statement that is nothing but the letter
+   ("answer: c", "**b**", "b or c"), or a letter closing it after a choosing word ("I'd go with
+   b."). So "a beta blocker" is not A and "hepatitis b." is not B.
 """
 
 from __future__ import annotations
@@ -48,6 +59,38 @@ _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _MARKUP = re.compile(r"[*_`$]|\\text\{|\\textbf\{|[{}]")
 _CONNECTOR = re.compile(r"^\s*(?:,|/|&|\bor\b|\band\b|\band/or\b)\s*", re.IGNORECASE)
 
+# Rule 6. Words that may follow a bare letter answer without making it prose ("A because the rash
+# is vesicular", "C is correct", "B or C"). Any other lowercase word after a bare capital, or a
+# contraction ("I'm", "I'd"), means the capital is an article or pronoun opening a sentence.
+_EXPLAINS = r"(?:because|since|as|given|due|is|was|fits|explains|which|seems|or|and)\b"
+_CONTRACTION = r"['’][a-z]"
+_PROSE_AFTER = rf"(?:{_CONTRACTION}|\s+(?!{_EXPLAINS})[a-z])"
+# With a full stop, only an all-lowercase word makes it prose: "E. coli", "S. aureus" are
+# organisms, while "A. eGFR 38 ..." is the letter A followed by its explanation.
+_GENUS_WORD = r"[a-z]+(?![A-Za-z0-9])"
+# Text right after the letter that opens a statement and makes that letter prose.
+_LEAD_PROSE = re.compile(rf"{_PROSE_AFTER}|\.\s+(?!{_EXPLAINS}){_GENUS_WORD}")
+# The same for a capital found inside a statement; stricter (any lowercase word), since this also
+# reads a last line that states nothing, where "37.3 °C or higher" must not be C.
+_HIT_PROSE = rf"{_CONTRACTION}|\s+[a-z]|\.\s+{_GENUS_WORD}"
+# Words after which a lone capital is a chosen letter ("likely B", "I would go with B").
+_CHOOSERS = (r"(?i:likely|probably|definitely|clearly|therefore|thus|so|is|be|think|believe|guess"
+             r"|choose|pick|select|with|say|option|choice|letter)")
+# "Option B", "the choice (C)": the word only introduces the letter, so it is dropped before the
+# letter is read (then "Option B or C" is a hedge like "B or C").
+_OPTION_WORD = re.compile(r"^(?i:the\s+)?(?i:option|choice|letter)\s+(?=[(\[]?[A-Z](?![A-Za-z0-9]))")
+
+# Rule 7: lowercase letters that can only be option letters, capitalised before reading.
+_LOWER_ONLY_LETTERS = re.compile(  # the whole statement: "b", "(b).", "b or c"
+    r"^[(\[]?[a-z][)\]]?(?:\s*(?:,|/|&|\b(?i:or|and/or|and)\b)\s*[(\[]?[a-z][)\]]?)*\s*[.:!]?$")
+_LOWER_FORMS = [
+    re.compile(r"(?<![A-Za-z0-9])[(\[]([a-z])[)\]]"),  # "(b)", "[b]"
+    re.compile(r"(?<![A-Za-z0-9(\[])([a-z])\)"),  # "b)"
+    re.compile(r"^([a-z])\.(?!\S)(?!\s+[a-z])"),  # "b." opening the statement: "b. Nephrotic ..."
+    re.compile(rf"\b(?i:option|choice|letter)\s+[(\[]?([a-z])(?![A-Za-z0-9'’])(?!{_PROSE_AFTER})"),
+    re.compile(rf"\b{_CHOOSERS}\s+([a-z])\s*[.!]?$"),  # closing: "I'd go with b."
+]
+
 
 def split_reasoning(completion: str) -> str | None:
     """The text after the reasoning block, or None if a <think> was never closed."""
@@ -69,6 +112,22 @@ def _clean(text: str) -> str:
     return " ".join(_MARKUP.sub(" ", text).split())
 
 
+def _lift_lowercase_letters(span: str) -> str:
+    """Capitalise the lowercase letters that rule 7 reads as option letters ("(b)" -> "(B)").
+
+    Only forms that prose never uses count, because a lone "a" is usually the article.
+    """
+    if _LOWER_ONLY_LETTERS.match(span):
+        return span.upper()
+
+    def capitalise_letter(m: re.Match[str]) -> str:  # group 1 is the letter; keep what surrounds it
+        return m.string[m.start():m.start(1)] + m.group(1).upper() + m.string[m.end(1):m.end()]
+
+    for form in _LOWER_FORMS:
+        span = form.sub(capitalise_letter, span)
+    return span
+
+
 def _line_end(text: str, pos: int) -> int:
     end = text.find("\n", pos)
     return len(text) if end < 0 else end
@@ -82,10 +141,15 @@ def _statements(text: str, labels: Sequence[str], lettered: bool) -> list[tuple[
         found.append((m.start(), end, text[m.end():end]))
     for m in _BOXED.finditer(text):
         found.append((m.start(), _line_end(text, m.end()), m.group(1)))
-    # A line that holds only a label (with brackets, bold or a full stop around it).
-    alt = "|".join(re.escape(lab) for lab in labels) if not lettered else "[A-Z]"
-    flags = re.IGNORECASE if not lettered else 0
-    line_only = re.compile(rf"^[ \t*_(\[]*({alt})[ \t*_)\].:]*$", re.MULTILINE | flags)
+    # A line that holds only a label (with brackets, bold or a full stop around it); on lettered
+    # questions also "Option B" / "Choice (C)" and a lowercase letter (rule 7: "b" alone is B).
+    if lettered:
+        alt = r"(?:(?i:option|choice|letter)\s+[(\[]?)?([A-Za-z])"
+        flags = 0
+    else:
+        alt = "(" + "|".join(re.escape(lab) for lab in labels) + ")"
+        flags = re.IGNORECASE
+    line_only = re.compile(rf"^[ \t*_(\[]*{alt}[ \t*_)\].:]*$", re.MULTILINE | flags)
     for m in line_only.finditer(text):
         found.append((m.start(), m.end(), m.group(1)))
     return sorted(found, key=lambda t: t[0])
@@ -121,10 +185,15 @@ def _read_statement(
         return Extraction(None, NO_ANSWER)
     flags = 0 if lettered else re.IGNORECASE
     canon = {lab.lower(): lab for lab in labels}
+    if lettered:
+        span = _OPTION_WORD.sub("", _lift_lowercase_letters(span))
     lead = re.match(r"^[(\[]?\s*" + (r"([A-Z])" if lettered else r"([A-Za-z]+)") + r"(?![A-Za-z0-9])[)\].:]?", span,
                     flags)
-    if lead and lettered and lead.group(1).lower() not in canon and re.match(r"\s+[a-z]", span[lead.end():]):
-        lead = None  # "I think ...", "A patient ...": a pronoun or article, not a letter answer
+    if lead and lettered and not lead.group(0).startswith(("(", "[")) \
+            and _LEAD_PROSE.match(span, lead.end(1)):
+        # Rule 6: "I would ...", "I'm ...", "A patient ...", "E. coli": a pronoun, article or
+        # abbreviation opening prose, not a letter answer, even when it is one of the labels.
+        lead = None
     # The statement opens with a label: read it and any labels chained to it with or/and/commas.
     if lead and (lettered or lead.group(1).lower() in canon):
         chosen = [lead.group(1)]
@@ -154,13 +223,16 @@ def _read_statement(
                 hits.append(letter)
                 remaining = pat.sub(" ", remaining)
     if lettered:
-        hits += re.findall(r"(?:\boption\s+|\bchoice\s+|\(|\[)([A-Z])(?![A-Za-z0-9])", remaining)
+        # "option C", "choice (C)", "(C)", "[C]" (closed, so "(N<4)" or "(N: 5-15)" is no letter).
+        hits += re.findall(r"\b(?i:option|choice|letter)\s+[(\[]?([A-Z])(?![A-Za-z0-9])", remaining)
+        hits += re.findall(r"[(\[]([A-Z])[)\]]", remaining)
         # Bare capitals that are labels, unless they read as an article or pronoun ("A patient") or
         # name something ("vitamin C", "hepatitis B"): only at the start, after punctuation, or after
-        # a hedge word ("likely B") does a lone capital count as a letter.
-        hits += re.findall(r"(?:^|[^A-Za-z0-9\s(\[]\s*|\b(?i:likely|probably|definitely|clearly|therefore|thus|so|is|be"
-                           r"|think|believe|guess|choose|pick|select)\s+)"
-                           r"([" + "".join(labels) + r"])(?![A-Za-z0-9])(?!\s+[a-z])", remaining)
+        # a choosing word ("likely B", "go with B") does a lone capital count as a letter, and
+        # never before prose (rule 6).
+        hits += re.findall(r"(?:^|[^A-Za-z0-9\s(\[]\s*|\b" + _CHOOSERS + r"\s+)"
+                           r"([" + "".join(labels) + r"])(?![A-Za-z0-9])"
+                           rf"(?!{_HIT_PROSE})", remaining)
     else:
         hits += [m.group(0) for m in re.finditer("|".join(_label_pattern(l, False) for l in labels), remaining,
                                                    re.IGNORECASE)]

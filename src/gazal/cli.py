@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     r = rsub.add_parser("audit", help="gaming completions vs honest ones; exit 1 if any hack scores >= honest")
     r.add_argument("--config", "-c", default="demo", metavar="RECIPE")
+    r.add_argument("--questions", type=int, default=8, metavar="N",
+                   help="seed cases to audit, spread over the file (default 8, as before GRPO; 163 is all)")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)")
     p.add_argument("--model", required=True, metavar="PATH_OR_NAME",
@@ -131,13 +133,18 @@ def _rewards(args: argparse.Namespace) -> int:
     recipe = config.load_recipe(args.config, args.overrides)
     tokenizer = audit.reward_tokenizer(recipe)
     if args.rewards_command == "audit":
-        rows = audit.run_audit(recipe, tokenizer)
-        print(f"{'question':<12} {'hack':<28} {'hack':>8} {'honest':>8}  verdict")
-        for r in rows:
-            print(f"{r.question:<12} {r.hack:<28} {r.hack_total:>8.3f} {r.honest_total:>8.3f}  "
-                  f"{'ok' if r.passed else 'GAMES THE REWARD'}")
+        rows = audit.run_audit(recipe, tokenizer, args.questions)
+        # One line per hack family: its closest call over every question and honest completion.
+        print(f"{'hack':<36} {'pairs':>5} {'failed':>6} {'margin':>8}  closest (question, honest cut)")
+        for hack in dict.fromkeys(r.hack for r in rows):
+            mine = [r for r in rows if r.hack == hack]
+            worst = min(mine, key=lambda r: r.honest_total - r.hack_total)
+            bad = sum(not r.passed for r in mine)
+            print(f"{hack:<36} {len(mine):>5} {bad:>6} {worst.honest_total - worst.hack_total:>8.3f}  "
+                  f"{worst.question} {worst.honest} ({worst.hack_total:.3f} vs {worst.honest_total:.3f})"
+                  f"{'  GAMES THE REWARD' if bad else ''}")
         failed = sum(not r.passed for r in rows)
-        print(f"{len(rows) - failed} passed, {failed} failed")
+        print(f"{len(rows) - failed} of {len(rows)} hack/honest pairs passed, {failed} failed")
         return 1 if failed else 0
     rows = audit.score_file(recipe, args.completions, tokenizer)
     names = list(rows[0]["rewards"]) if rows else []

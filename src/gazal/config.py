@@ -189,6 +189,11 @@ class RewardSpec(_Section):
     """Weight of this component in the total reward."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword parameters for the reward factory."""
+    only_when_accuracy_varies: bool = False
+    """Count this component only in groups whose accuracy varies (some completions right, some wrong).
+    In a group that is all right or all wrong, its values are replaced by their group mean, so it adds
+    no advantage there: a secondary reward (length, style) cannot be the whole learning signal on
+    questions that are too easy or too hard. Needs an `accuracy` component in the set."""
 
 
 class MonitorSettings(_Section):
@@ -214,6 +219,9 @@ class MonitorSettings(_Section):
     """zero_std: frac_reward_zero_std at or above this ..."""
     patience: int = Field(4, ge=1)
     """... for this many logged steps in a row."""
+    accuracy_zero_std_max: float = Field(0.9, gt=0, le=1)
+    """accuracy_zero_std: gazal/accuracy_zero_std_frac (groups whose accuracy reward is all 0 or all 1)
+    at or above this for `patience` logged steps in a row."""
     entropy_low: float = Field(0.3, gt=0, lt=1)
     """entropy_collapse: entropy below this fraction of its starting level."""
     entropy_high: float = Field(2.0, gt=1)
@@ -224,10 +232,13 @@ class MonitorSettings(_Section):
     """kl_spike, grad_norm_spike: a value above this multiple of its recent median fires."""
     rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
     """rollback: the learning rate is multiplied by this after restoring the last good checkpoint."""
+    max_rollbacks: int = Field(2, ge=0)
+    """rollback: at most this many rollbacks in a run (a resumed run counts those in its events.jsonl);
+    the next rule whose action is rollback stops training instead."""
     actions: dict[
         Literal["reward_hacking", "hedge_rate_rising", "no_answer_rate_rising", "format_failure_rising",
-                "length_collapse", "length_explosion", "repetition_rising", "zero_std", "entropy_collapse",
-                "entropy_blowup", "kl_spike", "grad_norm_spike", "nan_loss"],
+                "length_collapse", "length_explosion", "repetition_rising", "zero_std", "accuracy_zero_std",
+                "entropy_collapse", "entropy_blowup", "kl_spike", "grad_norm_spike", "nan_loss"],
         Literal["warn", "stop", "rollback"],
     ] = Field(default_factory=lambda: {"nan_loss": "rollback", "entropy_blowup": "stop"})
     """What each rule does when it fires (rules not listed warn): warn, stop (with a clear message),
@@ -271,6 +282,11 @@ class GRPOSettings(_Section):
     """Upper clipping range (DAPO clip-higher); None: same as epsilon."""
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
     """How token losses are normalised."""
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """How TRL combines the components: weight and sum, then normalise per group (GRPO), or normalise
+    each component within its group, then weight and sum (GDPO; each component then moves the policy
+    in proportion to its weight, not to its spread; TRL normalises the sum over the batch and ignores
+    scale_rewards)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the reward std of the group, the batch, or not at all."""
     mask_truncated_completions: bool = False
@@ -605,6 +621,16 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
         raise GazalError(f"{where('eval', 'num_samples')}: eval.num_samples > 1 needs eval.temperature > 0 "
                          "(greedy decoding gives the same completion every time)")
     g = recipe.grpo
+    names = [spec.name for spec in g.rewards]
+    for i, spec in enumerate(g.rewards):
+        if spec.only_when_accuracy_varies and (spec.name == "accuracy" or "accuracy" not in names):
+            raise GazalError(f"{where('grpo', 'rewards', str(i))}: grpo.rewards.{i} ({spec.name}): "
+                             "only_when_accuracy_varies needs an 'accuracy' component to gate on, and cannot be "
+                             "set on accuracy itself")
+    if g.multi_objective_aggregation == "normalize_then_sum" and g.scale_rewards != "group":
+        raise GazalError(f"{where('grpo', 'scale_rewards')}: grpo.scale_rewards={g.scale_rewards} has no effect with "
+                         "grpo.multi_objective_aggregation=normalize_then_sum (TRL normalises each component per "
+                         "group and the sum over the batch); leave scale_rewards at 'group'")
     if g.lora.dropout > 0 and not g.disable_dropout:
         raise GazalError(
             f"{where('grpo', 'lora', 'dropout')}: grpo.lora.dropout={g.lora.dropout} with grpo.disable_dropout "

@@ -42,9 +42,12 @@ class GazalGRPOTrainer(GRPOTrainer):
     sampler_logprobs: bool = False
     samples_every: int = 0
     samples_dir: Path | None = None
+    accuracy_column: int | None = None  # index of the accuracy reward, when the set has one
+    gated_columns: tuple[int, ...] = ()  # rewards counted only where accuracy varies in the group
 
     def __init__(self, *args, **kwargs):
         self.rollouts = MergedRollouts()
+        self.gated_groups = 0
         self.sampler_logprob_batches = 0
         self._sampler_logps: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
@@ -81,6 +84,19 @@ class GazalGRPOTrainer(GRPOTrainer):
             logprobs = [row[: len(ids)].tolist() for row, ids in zip(self._sampler_logps.float().cpu(), completion_ids)]
         return completion_ids, logprobs
 
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL returns every process's rewards gathered, before it groups and normalises them: the
+        # one place where a group's accuracy can be seen whole (a group may span processes).
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        mode = "train" if self.model.training else "eval"
+        size = self.num_generations if mode == "train" else self.num_generations_eval
+        if self.accuracy_column is None or size < 2:
+            return rewards
+        rewards, constant = gate_on_accuracy(rewards, self.accuracy_column, self.gated_columns, size)
+        self._metrics[mode]["gazal/accuracy_zero_std_frac"].append(constant)
+        self.gated_groups += round(constant * rewards.shape[0] / size) if self.gated_columns else 0
+        return rewards
+
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         if self.sampler_logprobs and "sampling_per_token_logps" in out:
@@ -99,6 +115,29 @@ class GazalGRPOTrainer(GRPOTrainer):
             # TRL keeps the latest generation batch in `_logs` (sized to it) for its own completion tables.
             write_samples(self.samples_dir, step, list(self._logs["prompt"]), list(self._logs["completion"]),
                           {name: list(v) for name, v in self._logs["rewards"].items()}, list(self._logs["advantages"]))
+
+
+def gate_on_accuracy(rewards: torch.Tensor, accuracy: int, gated: tuple[int, ...],
+                     size: int) -> tuple[torch.Tensor, float]:
+    """Replace the `gated` reward columns by their group mean in groups whose accuracy is constant.
+
+    rewards: (completions, components), groups of `size` consecutive rows, NaN for skipped values.
+    A column that is constant within a group adds nothing to that group's advantages under either
+    aggregation (sum then normalise, or normalise then sum), and the logged means stay the same.
+    Returns the gated rewards and the fraction of groups whose accuracy is all 0 or all 1.
+    """
+    grouped = rewards.view(-1, size, rewards.shape[1])
+    acc = grouped[:, :, accuracy]
+    lo = torch.where(acc.isnan(), torch.inf, acc).amin(dim=1)
+    hi = torch.where(acc.isnan(), -torch.inf, acc).amax(dim=1)
+    constant = (lo >= hi) | acc.isnan().all(dim=1)  # one value (or none) among the scored rows
+    if gated and constant.any():
+        grouped = grouped.clone()
+        for col in gated:
+            values = grouped[:, :, col]
+            mean = torch.nanmean(values, dim=1, keepdim=True).expand_as(values)
+            grouped[:, :, col] = torch.where(constant[:, None] & ~values.isnan(), mean, values)
+    return grouped.view_as(rewards), constant.float().mean().item()
 
 
 def write_samples(folder: Path, step: int, prompts: list, completions: list, rewards: dict[str, list],
@@ -192,6 +231,7 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         scale_rewards=cfg.scale_rewards,
         mask_truncated_completions=cfg.mask_truncated_completions,
         num_iterations=cfg.num_iterations,
+        multi_objective_aggregation=cfg.multi_objective_aggregation,
         reward_weights=[spec.weight for spec in cfg.rewards],
         # Merged-weight rollouts sample without dropout; the learning forward must match them.
         disable_dropout=cfg.disable_dropout,
@@ -211,11 +251,16 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         callbacks=[JsonlMetrics(out / "metrics.jsonl"), *([monitor] if monitor else [])],
     )
     trainer.merged_rollouts, trainer.samples_every, trainer.samples_dir = cfg.merged_rollouts, cfg.samples_every, out
+    names = [spec.name for spec in cfg.rewards]
+    trainer.accuracy_column = names.index("accuracy") if "accuracy" in names else None
+    trainer.gated_columns = tuple(i for i, spec in enumerate(cfg.rewards) if spec.only_when_accuracy_varies)
     trainer.sampler_logprobs = cfg.merged_rollouts and sampler_logprobs(cfg, recipe.model.dtype)
     upcast_dora_magnitudes(trainer.model)
     if monitor is not None:
         monitor.restore = lambda path: restore_checkpoint(trainer, path)
     checkpoint = resume_checkpoint(out) if resume else None
+    if monitor is not None and checkpoint is not None:  # history and rollbacks from before the checkpoint
+        monitor.resume(out / "metrics.jsonl", out / "events.jsonl", int(checkpoint.rsplit("-", 1)[1]))
     summary = {"questions": len(dataset), "base_model": base, "adapter": cfg.adapter,
                "rewards": {spec.name: spec.weight for spec in cfg.rewards}}
     if monitor is not None:
@@ -223,4 +268,5 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     return train_and_save(trainer, tokenizer, run_dir, "grpo", summary, recipe, base, checkpoint,
                           stopped=(lambda: monitor.stopped) if monitor else None,
                           extra=lambda: {"merged_rollout_generations": trainer.rollouts.calls,
-                                         "sampler_logprob_batches": trainer.sampler_logprob_batches})
+                                         "sampler_logprob_batches": trainer.sampler_logprob_batches,
+                                         "groups_gated_on_accuracy": trainer.gated_groups})

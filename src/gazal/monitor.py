@@ -19,6 +19,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from gazal import rundir
 from gazal.config import MonitorSettings
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,17 @@ def zero_std(history: list[dict], s: MonitorSettings) -> str | None:
     return None
 
 
+def accuracy_zero_std(history: list[dict], s: MonitorSettings) -> str | None:
+    """Most groups all right or all wrong on accuracy for several steps in a row (the trainer logs
+    gazal/accuracy_zero_std_frac): accuracy gives them no advantage, so other rewards move the policy."""
+    values = _series(history, "gazal/accuracy_zero_std_frac")
+    if len(values) >= s.patience and all(v >= s.accuracy_zero_std_max for v in values[-s.patience:]):
+        return (f"gazal/accuracy_zero_std_frac >= {s.accuracy_zero_std_max:g} for {s.patience} steps: the groups "
+                "teach nothing about correctness (questions too easy or too hard for the policy); the secondary "
+                "rewards drive the gradient")
+    return None
+
+
 def entropy_collapse(history: list[dict], s: MonitorSettings) -> str | None:
     """Token entropy falling far below its starting level (the policy has stopped exploring)."""
     return _off_start(history, "entropy", s.entropy_low, s)
@@ -194,6 +206,7 @@ RULES: dict[str, Callable[[list[dict], MonitorSettings], str | None]] = {
     "length_explosion": length_explosion,
     "repetition_rising": repetition_rising,
     "zero_std": zero_std,
+    "accuracy_zero_std": accuracy_zero_std,
     "entropy_collapse": entropy_collapse,
     "entropy_blowup": entropy_blowup,
     "kl_spike": kl_spike,
@@ -208,11 +221,27 @@ class Monitor:
 
     def __init__(self, settings: MonitorSettings):
         self.settings = settings
-        self.history: list[dict] = []
-        self.active: set[str] = set()
+        self.history: list[dict] = []  # one row per logged step, its "step" included
+        self.active: set[str] = set()  # rules firing on the history (reported already)
+
+    def _firing(self, names) -> set[str]:
+        return {name for name in names if self.history and RULES[name](self.history, self.settings)}
+
+    def load(self, history: list[dict]) -> None:
+        """Take `history` as already seen (a resumed run): no events; the rules that fire on it count
+        as reported, so an episode under way at the checkpoint is not reported again."""
+        self.history = [dict(row) for row in history]
+        self.active = self._firing(RULES)
+
+    def rewind(self, step: int, rules: set[str] = frozenset()) -> None:
+        """A rollback restored the checkpoint of `step`: forget the history after it (it belongs to
+        weights that no longer exist) and the episodes it held. `rules` (the ones that rolled back)
+        are forgotten in any case, so the fault recurring rolls back again."""
+        self.history = [row for row in self.history if row.get("step", 0) <= step]
+        self.active = self._firing(self.active - set(rules))
 
     def observe(self, step: int, metrics: dict) -> list[Event]:
-        self.history.append(dict(metrics))
+        self.history.append({**metrics, "step": step})
         events = []
         for name, rule in RULES.items():
             message = rule(self.history, self.settings)
@@ -224,8 +253,17 @@ class Monitor:
         return events
 
 
+def _is_training_step(logs: dict) -> bool:
+    return "loss" in logs or "reward" in logs  # evaluation or end-of-training summaries are not
+
+
+def _checkpoint_step(path: str) -> int:
+    return int(Path(path).name.rsplit("-", 1)[1])
+
+
 class MonitorCallback(TrainerCallback):
-    """Runs the Monitor on every training log; writes events.jsonl; warns, stops or rolls back."""
+    """Runs the Monitor on every training log; writes events.jsonl; warns, stops or rolls back
+    (at most `max_rollbacks` times in a run; the next rollback stops it)."""
 
     def __init__(self, settings: MonitorSettings, events_path: Path):
         self.monitor = Monitor(settings)
@@ -240,30 +278,68 @@ class MonitorCallback(TrainerCallback):
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
+    def resume(self, metrics_path: Path, events_path: Path, step: int) -> None:
+        """Pick up a run resumed from the checkpoint of `step`: the history comes back from its
+        metrics.jsonl (training steps up to `step`, less those a rollback undid), the rollbacks
+        recorded in its events.jsonl count against max_rollbacks, and events after `step` are dropped
+        from it (the resumed run logs those steps again). Emits no events."""
+        def rows(path: Path) -> list[dict]:
+            if not Path(path).is_file():
+                return []
+            lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+            return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]  # not a cut line
+
+        events = [e for e in rows(events_path) if e.get("step", 0) <= step]
+        undone = [(_checkpoint_step(e["restored"]), e["step"]) for e in events
+                  if e.get("action") == "rollback" and "restored" in e]
+        self.monitor.load([m for m in rows(metrics_path) if _is_training_step(m) and m.get("step", 0) <= step
+                           and not any(low < m.get("step", 0) <= high for low, high in undone)])
+        self.monitor.active -= {e["rule"] for e in events if e.get("action") == "rollback" and e["step"] == step}
+        self.rollbacks.extend(e for e in events if e.get("action") == "rollback" and "restored" in e)
+        if rundir.is_main_process() and Path(events_path).is_file():
+            rundir.write_text(Path(events_path), "".join(json.dumps(e) + "\n" for e in events))
+        log.info("monitor: resumed with %d steps of history and %d rollback(s)", len(self.monitor.history),
+                 len(self.rollbacks))
+
+    def _roll_back(self, row: dict, args, state, optimizer, lr_scheduler) -> str | None:
+        """Restore the newest earlier checkpoint for the event in `row`; None (and `row` turned into a
+        stop) when the rollback budget is spent or there is no checkpoint."""
+        limit = self.monitor.settings.max_rollbacks
+        if len(self.rollbacks) >= limit:
+            restored, why = None, f"{len(self.rollbacks)} rollback(s) already, max_rollbacks is {limit}"
+        else:
+            restored = rollback(args.output_dir, state.global_step, self.restore, optimizer, lr_scheduler,
+                                self.monitor.settings.rollback_lr_factor)
+            why = "no earlier checkpoint to roll back to"
+        if restored is None:
+            row["action"] = "stop"
+            row["message"] += f"; {why}, stopping"
+        else:
+            row["restored"] = restored
+            self.rollbacks.append(row)
+        return restored
+
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        if not logs or "loss" not in logs and "reward" not in logs:
-            return  # evaluation or end-of-training summaries are not training steps
+        if not logs or not _is_training_step(logs):
+            return
+        restored, rolled_back = None, set()
         for event in self.monitor.observe(state.global_step, logs):
             row = asdict(event)
             log.warning("monitor: step %d %s: %s (action: %s)", event.step, event.rule, event.message, event.action)
-            if event.action == "stop":
-                control.should_training_stop = True
-                self.stopped = event
-            elif event.action == "rollback":
-                restored = rollback(args.output_dir, state.global_step, self.restore, optimizer, lr_scheduler,
-                                    self.monitor.settings.rollback_lr_factor)
+            if event.action == "rollback":
                 if restored is None:
-                    row["action"] = "stop"
-                    row["message"] += "; no earlier checkpoint to roll back to, stopping"
-                    control.should_training_stop = True
-                    self.stopped = Event(**row)
-                else:
+                    restored = self._roll_back(row, args, state, optimizer, lr_scheduler)
+                else:  # a second rule at the same step: one rollback serves both
                     row["restored"] = restored
-                    self.rollbacks.append(row)
-                    # The history since the checkpoint belongs to weights that no longer exist.
-                    self.monitor.history = self.monitor.history[:-1]
+                    row["message"] += "; rolled back once for this step"
+                rolled_back.add(event.rule)
+            if row["action"] == "stop":
+                control.should_training_stop = True
+                self.stopped = event if event.action == "stop" else Event(**row)
             if state.is_world_process_zero:
                 self._write(row)
+        if restored is not None:
+            self.monitor.rewind(_checkpoint_step(restored), rolled_back)
 
 
 def rollback(output_dir: str, step: int, restore: Callable[[str], None], optimizer, lr_scheduler,
@@ -272,8 +348,9 @@ def rollback(output_dir: str, step: int, restore: Callable[[str], None], optimiz
 
     Returns the checkpoint restored, or None when there is none. Trainer counters keep running
     (the step count is a budget, not a position); the scheduler goes back to the checkpoint's
-    position, and the learning rate of every later step is multiplied by lr_factor. Every rank
-    runs this (the monitor sees the same logs everywhere), as sharded loading needs.
+    position, and the learning rate of every later step is lr_factor x the one in use before the
+    rollback (so each further rollback lowers it again, whichever checkpoint it restores). Every
+    rank runs this (the monitor sees the same logs everywhere), as sharded loading needs.
     """
     candidates = []
     for path in Path(output_dir).glob("checkpoint-*"):
@@ -283,11 +360,15 @@ def rollback(output_dir: str, step: int, restore: Callable[[str], None], optimiz
     if not candidates or restore is None:
         return None
     _, path = max(candidates)
-    restore(str(path))
+    before = list(lr_scheduler.base_lrs) if lr_scheduler is not None else None
+    restore(str(path))  # loads the checkpoint's scheduler too: its base_lrs, and the lr at its position
+    scale = [lr_factor] * len(optimizer.param_groups) if optimizer is not None else []
     if lr_scheduler is not None:
-        lr_scheduler.base_lrs = [lr * lr_factor for lr in lr_scheduler.base_lrs]
+        target = [lr * lr_factor for lr in before]
+        scale = [t / loaded if loaded else lr_factor for t, loaded in zip(target, lr_scheduler.base_lrs)]
+        lr_scheduler.base_lrs = target
     if optimizer is not None:
-        for group in optimizer.param_groups:
-            group["lr"] *= lr_factor
+        for group, factor in zip(optimizer.param_groups, scale):
+            group["lr"] *= factor
     log.warning("monitor: rolled back to %s with learning rate x %g", path, lr_factor)
     return str(path)

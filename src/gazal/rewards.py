@@ -15,6 +15,7 @@ Anti-hacking rules (see issue 4 and the audit in gazal.audit):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -25,6 +26,7 @@ from typing import Any
 
 from gazal.answer import HEDGE, NO_ANSWER, OK, YES_NO_MAYBE, answer_statements
 from gazal.errors import GazalError
+from gazal.judge import DEFAULT_API_KEY_ENV, Judge, JudgeRequest
 from gazal.tasks import completion_text, prompt_text, score
 
 RewardFn = Callable[..., list[float | None]]
@@ -158,17 +160,21 @@ def format_(max_trailing_chars: int = 200) -> RewardFn:
 
 
 def cosine_length(min_value_wrong: float = -0.5, max_value_wrong: float = 0.0, min_value_correct: float = 0.5,
-                  max_value_correct: float = 1.0, max_len: int = 1024, tokenizer=None) -> RewardFn:
-    """Cosine length scaling in tokens (Yeo et al. 2025): for a correct answer the reward falls from
-    max_value_correct (0 tokens) to min_value_correct (max_len); for a wrong one it rises from
-    min_value_wrong to max_value_wrong. Ill-formed completions, and reasoning that echoes the prompt,
-    get the floor of the whole range."""
-    if max_len <= 0:
-        raise ValueError("max_len must be positive")
+                  max_value_correct: float = 1.0, max_len: int = 1024, floor_len: int = 0, tokenizer=None) -> RewardFn:
+    """Cosine length scaling in tokens (Yeo et al. 2025) above a floor: for a correct answer the reward
+    falls from max_value_correct (at floor_len tokens or fewer) to min_value_correct (max_len); for a
+    wrong one it rises from min_value_wrong to max_value_wrong over the same span. Ill-formed
+    completions, and reasoning that echoes the prompt, get the floor of the whole range.
+
+    `floor_len` is what keeps the length term from being farmed: below it, shorter earns nothing
+    more, so a several-step honest completion never loses to a three-line template for being longer.
+    """
+    if max_len <= 0 or not 0 <= floor_len < max_len:
+        raise ValueError("max_len must be positive and 0 <= floor_len < max_len")
     floor = min(min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)
 
     def cosine(t: int, start: float, end: float) -> float:
-        progress = min(max(t, 0), max_len) / max_len
+        progress = (min(max(t, floor_len), max_len) - floor_len) / (max_len - floor_len)
         return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
     def cosine_length_reward(completions: list, answer: list, options: list | None = None, labels: list | None = None,
@@ -249,6 +255,215 @@ def clinical_structure(target_steps: int = 3, target_cues: int = 4, echo_thresho
     return clinical_structure_reward
 
 
+# --- case_reasoning: what reasoning about *this* case looks like, measured on the words ----------
+#
+# Hand-written on purpose: no library scores "does this reasoning engage this question" cheaply
+# enough to run on every rollout (a judge model does it well and slowly: see `judge`). The
+# measure below is deliberately literal. Terms are the case's content words and values (stems of
+# five letters, so "hypertension" meets "hypertensive"; numbers exactly; abbreviations such as ECG
+# kept); boilerplate ("patient", "presents", "which", "most likely") is not a term.
+
+_STOP = frozenset("""
+about above after again against also although among another answer any appear appears around
+because been before being below best between both cannot case cause caused change changes choice
+clinical could days diagnosis does doing done during each either emergency every evaluation exam
+examination explain false female finding findings first following found from further given going
+have having here history hours important initial into later least less likely made make male
+management many months more most much must next normal note only option options other over past
+patient patients present presentation presents question rather reason reasoning recent regarding
+reports result results same several should shows since some step such than that their them then
+there these they this those three through time today treatment true twice under until upon very
+visit weeks what when where whether which while will with within without would year years young
+woman women female child girl boy days week month hour context think problem inside
+final line letter followed give
+feature features discriminating mechanism alternative alternatives candidate candidates process
+leading considered consider conclusion differential picture aspect aspects approach possibility
+possibilities factor factors overall systematic careful consideration essential relevant evidence
+judgement judgment decision attention data
+""".split())  # the last lines: words about reasoning itself, which carry nothing about a case
+# Words that make a clause a statement about something (relations, verbs of clinical reasoning,
+# negation): reasoning interprets, a keyword list only names.
+_RELATION = re.compile(
+    r"\b(?:suggest\w*|indicat\w*|point\w*|consistent|inconsistent|explain\w*|because|due|caus\w*|reflect\w*|"
+    r"favou?r\w*|argu\w*|against|support\w*|typical\w*|characteristic\w*|classic\w*|rul\w*|exclud\w*|"
+    r"fit\w*|impl\w*|means?|therefore|thus|hence|so|makes?|unlikely|likely|would|could|should|rather|unlike|"
+    r"whereas|but|however|absence|absent|not|no|without|lack\w*|requir\w*|warrant\w*|leads?|results?|"
+    r"produc\w*|distinguish\w*|differentiat\w*|confirm\w*|since|give[sn]?|shows?|showing|leaves?|"
+    r"follows?|extends?|occurs?|develops?|needs?|is|are|was|were|has|have|had|remains?|becomes?|treat\w*|"
+    r"prevent\w*|reduc\w*|increas\w*|decreas\w*|raises?|lowers?|worsens?|improv\w*|precipitat\w*|"
+    r"predict\w*|carr\w*|affects?|involv\w*|from|than|after|may|might|can|cannot|be|been)\b",
+    re.IGNORECASE,
+)
+# Stems found in more than 7% of the 460 bundled seed questions: words most clinical questions share
+# ("blood", "pressure", "pain", "left", small numbers). They ground a sentence in the case, but
+# they do not show that the reasoning is about *this* case: another case's reasoning has them too.
+_COMMON = frozenset("""
+000 1 1.73 10 100 12 2 20 24 3 30 4 5 50 58 6 7 8 9 appropr blood chest chron count creatin ct daily
+develop diabet disease egfr fever heart hemoglo high hyperte kidne left mild mmhg mmol negat pain
+platele posit pressur rate right risk score serum severe start symptom takes tempera test therap
+type ultraso upper urine
+""".split())
+_TERM = re.compile(r"[A-Za-z][A-Za-z]*|\d+(?:\.\d+)?")
+_LETTER_REF = re.compile(r"\b(?:option|choice|answer)\s+\(?([A-J])\)?(?![A-Za-z0-9])")
+_UNIT_SPLIT = re.compile(r"[.;!?:](?=\s|$)|\n+")
+
+
+_SUFFIX = re.compile(r"(?:ations?|ings?|ies|ed|es|s|ic|al|ia|ous|ive|ions?|ity|ism|ly|ary|y)$")
+
+
+def _stem(token: str) -> str | None:
+    """A term's comparable form, or None for words that carry no case content: a common suffix
+    dropped, then seven letters ("hypertension" meets "hypertensive", "widened" meets "widening",
+    and "hyperpigmentation" stays apart from "hyperaldosteronism")."""
+    if token[0].isdigit():
+        return token
+    if 2 <= len(token) <= 5 and sum(c.isupper() for c in token) >= 2:
+        return token.lower()  # ECG, CT, HIV, ACTH, hCG, eGFR
+    low = token.lower()
+    if len(low) < 4 or low in _STOP:
+        return None
+    return (_SUFFIX.sub("", low) if len(low) > 5 else low)[:7]
+
+
+def _stems(text: str) -> set[str]:
+    return {s for s in map(_stem, _TERM.findall(text)) if s}
+
+
+@dataclass(frozen=True)
+class _Case:
+    terms: frozenset  # the case's own terms (its text, options and format instruction aside)
+    specific: frozenset  # those not among the words most clinical questions share
+    naming: dict  # letter -> terms that name that option (only it has them, the case does not)
+    option_terms: dict  # letter -> all of that option's terms
+    every_option: frozenset
+
+
+@functools.lru_cache(maxsize=4096)
+def _case(prompt: str, options: tuple[tuple[str, str], ...]) -> _Case:
+    """What a question offers to reason about. Cached: a GRPO group shares its prompt."""
+    text = prompt
+    for k, v in options:  # the lettered option lines are not findings
+        text = text.replace(f"{k}. {v}", " ")
+    # The format instruction (the paragraph that asks for <think>) is not part of the case.
+    text = "\n\n".join(p for p in text.split("\n\n") if "<think>" not in p)
+    terms = frozenset(_stems(text))
+    option_terms = {k: frozenset(_stems(v)) for k, v in options}
+    # An option is named by terms only it has ("pericarditis", not the "acute" it shares, nor the
+    # "eGFR" that the case itself states), or by all of its terms together ("primary adrenal
+    # insufficiency" beside "secondary adrenal insufficiency" and "primary hyperaldosteronism").
+    naming = {k: v - terms - frozenset().union(*(o for j, o in option_terms.items() if j != k))
+              for k, v in option_terms.items()}
+    every_option = frozenset().union(*option_terms.values()) if option_terms else frozenset()
+    return _Case(terms, (terms - _COMMON) or terms, naming, option_terms, every_option)
+
+
+def _is_list(unit: str) -> bool:
+    """A comma list of short items ("tearing pain, widened mediastinum, ST elevation"): names, no claim.
+    A list that a predicate closes ("melena, hypotension or a falling hemoglobin would prompt
+    admission") is a sentence."""
+    parts = [p for p in unit.split(",") if p.strip()]
+    return (len(parts) >= 3 and sum(len(p.split()) <= 3 for p in parts) * 3 >= len(parts) * 2
+            and len(parts[-1].split()) <= 4)
+
+
+def _units(think: str) -> list[str]:
+    """Sentences and clauses of the reasoning (numbered-step markers dropped)."""
+    return [u for u in (x.strip() for x in _UNIT_SPLIT.split(think)) if len(u.split()) >= 2]
+
+
+def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target_weighed: int = 2,
+                   grounded_share: float = 0.6, on_topic: float = 0.15, echo_threshold: float = 0.6) -> RewardFn:
+    """Reasoning about this case, in [0, 1]; the floor (0) for ill-formed completions and echoes.
+
+    Pays, on the reasoning block:
+    - findings (0.30): distinct terms of this case's own text (findings, values, named things)
+      that the reasoning interprets, up to `target_findings`;
+    - interpretation (0.30): sentences that relate a case term (suggests, because, argues against,
+      rules out ...) to an option or to knowledge beyond the case's words, up to `target_interpreted`;
+    - weighing (0.25, multiple choice): options weighed, i.e. named in a claim that also holds a
+      case term or brings knowledge of its own (two terms beyond the case's and options' words),
+      up to `target_weighed`;
+    - conclusion (0.15): the option finally chosen was weighed and is named in the last third of
+      the reasoning (for yes/no questions: the last sentence interprets a case term), and its weight goes to
+      interpretation for yes/no questions, which have no options to weigh;
+    all times min(1, share of sentences that touch the case or an option / `grounded_share`), so
+    padding with sentences about nothing dilutes the whole score, and times min(1, share of the
+    reasoning's own distinct terms that are this case's or its options' / `on_topic`), so reasoning
+    written for another question scores little even where it shares this one's common words (on
+    the 163 seed cases the honest reasoning's share is 0.15 or more for 90% of them; another
+    case's reasoning reaches 0.07 for 90% of them, 0.17 at most).
+
+    What earns the floor, and why: cue words and numbered steps that would fit any question
+    (no case terms), another question's reasoning (its terms are not this case's), the options
+    pasted or named without a finding, a keyword list (terms with no relation), the prompt copied
+    back (`echo_threshold` of its trigrams). Paid regardless of correctness: accuracy pays that.
+    """
+    if min(target_findings, target_interpreted, target_weighed) < 1 or not 0 < grounded_share <= 1 \
+            or not 0 < on_topic <= 1:
+        raise ValueError("targets must be >= 1, grounded_share and on_topic in (0, 1]")
+
+    def one(text: str, prompt: str, lab: list[str], opts: dict | None) -> float:
+        parsed = parse(text, lab, opts)
+        if not parsed.well_formed or echoes_prompt(parsed.think, prompt, echo_threshold):
+            return 0.0
+        case = _case(prompt, tuple((opts or {}).items()))
+        units = _units(parsed.think)
+        if not units or not case.terms:
+            return 0.0
+        interpreted, grounded, used = 0, 0, set()
+        weighed: set[str] = set()
+        last_named: dict[str, int] = {}
+        for i, unit in enumerate(units):
+            stems = _stems(unit)
+            letters = _LETTER_REF.findall(unit)
+            named = [k for k, t in case.naming.items()
+                     if stems & t or k in letters or (case.option_terms[k] and case.option_terms[k] <= stems)]
+            for k in named:
+                last_named[k] = i
+            grounded += bool(stems & case.terms) or bool(named)
+            if _is_list(unit) or not (_RELATION.search(unit) or len(unit.split()) >= 5):
+                continue  # names things (a list, a heading), claims nothing
+            # What the clause brings beyond the case's and the options' own words, relation words
+            # aside: "the tearing pain suggests the diagnosis" brings nothing.
+            knowledge = _stems(_RELATION.sub(" ", unit)) - case.terms - case.every_option
+            if stems & case.specific and knowledge:
+                interpreted += 1
+                used |= stems & case.specific
+            # An option is weighed when a claim about it meets the case's findings (words beyond the
+            # option's own, so a pasted option is not a claim; not a bare number, so "34, 50 and 41
+            # are the candidates" is not either) or brings knowledge of its own ("myocarditis
+            # follows a viral prodrome").
+            own = frozenset().union(*(case.option_terms[k] for k in named)) if named else frozenset()
+            findings_beyond = {t for t in (stems & case.specific) - own if not t[0].isdigit()}
+            if named and (findings_beyond or len(knowledge) >= 2):
+                weighed.update(named)
+        findings = min(1.0, len(used) / min(target_findings, len(case.specific)))
+        interpretation = min(1.0, interpreted / target_interpreted)
+        if opts:
+            chosen = answer_statements(parsed.after, lab, opts)[-1].extraction.label
+            weighing = min(1.0, len(weighed) / min(target_weighed, len(opts)))
+            # The conclusion follows when the option chosen was weighed and is where the
+            # reasoning ends up (named in its last third).
+            conclusion = float(chosen in weighed and last_named[chosen] >= len(units) * 2 / 3 - 1)
+            score = 0.30 * findings + 0.30 * interpretation + 0.25 * weighing + 0.15 * conclusion
+        else:
+            last = _stems(units[-1]) & case.terms and _RELATION.search(units[-1])
+            score = 0.35 * findings + 0.50 * interpretation + 0.15 * (1.0 if last else 0.0)
+        own_terms = _stems(_RELATION.sub(" ", parsed.think)) - _COMMON
+        topical = len(own_terms & (case.specific | case.every_option)) / len(own_terms) if own_terms else 0.0
+        return score * min(1.0, grounded / len(units) / grounded_share) * min(1.0, topical / on_topic)
+
+    def case_reasoning_reward(completions: list, prompts: list | None = None, options: list | None = None,
+                              labels: list | None = None, **_: Any) -> list[float]:
+        out = []
+        for i, completion in enumerate(completions):
+            lab, opts = _row(i, options, labels)
+            out.append(one(completion_text(completion), prompt_text(prompts[i]) if prompts else "", lab, opts))
+        return out
+
+    return case_reasoning_reward
+
+
 def overlong(cache: int = 64, max_completion_length: int = 256, tokenizer=None) -> RewardFn:
     """DAPO soft overlong punishment in [-1, 0]: 0 up to max_completion_length - cache tokens, then a
     linear ramp to -1 at the limit (and -1 beyond)."""
@@ -265,13 +480,50 @@ def overlong(cache: int = 64, max_completion_length: int = 256, tokenizer=None) 
     return overlong_reward
 
 
+def judge(base_url: str, model: str, rubric: str | None = None, timeout_s: float = 60.0, concurrency: int = 8,
+          max_retries: int = 2, cache_path: str | None = None, api_key_env: str = DEFAULT_API_KEY_ENV,
+          max_tokens: int = 512, temperature: float = 0.0) -> RewardFn:
+    """Reasoning quality in [0, 1] from an LLM judge (gazal.judge) behind an OpenAI-compatible endpoint:
+    the rubric (default templates/judge/reasoning.md) pays reasoning that uses this case's findings,
+    weighs the options against them and reaches a conclusion that follows; generic reasoning scores low.
+    Ill-formed completions, and reasoning that echoes the prompt, get the floor 0.0 without a request,
+    so dropping the format can never buy a better grade. A timeout, HTTP or connection error or a
+    malformed reply is None (skipped), never 0. The key comes only from $api_key_env. Logs
+    gazal/judge_failures and gazal/judge_cache_hits (counts in this batch)."""
+    grader = Judge(base_url, model, rubric, timeout_s=timeout_s, concurrency=concurrency, max_retries=max_retries,
+                   cache_path=cache_path, api_key_env=api_key_env, max_tokens=max_tokens, temperature=temperature)
+
+    def judge_reward(completions: list, prompts: list | None = None, options: list | None = None,
+                     labels: list | None = None, log_metric: Callable | None = None, **_: Any) -> list[float | None]:
+        out: list[float | None] = [0.0] * len(completions)
+        asked, requests = [], []
+        for i, completion in enumerate(completions):
+            lab, opts = _row(i, options, labels)
+            text, prompt = completion_text(completion), prompts[i] if prompts else None
+            if earns_quality(text, lab, opts, prompt):
+                parsed = parse(text, lab, opts)
+                asked.append(i)
+                requests.append(JudgeRequest(prompt_text(prompt), parsed.think.strip(), parsed.after.strip()))
+        for i, value in zip(asked, grader.grade(requests) if requests else []):
+            out[i] = value
+        if log_metric:
+            log_metric("gazal/judge_failures", float(sum(out[i] is None for i in asked)))
+            log_metric("gazal/judge_cache_hits", float(grader.last_batch["cache_hits"] if requests else 0))
+        return out
+
+    judge_reward.judge = grader  # counters and cache, for tests and tools
+    return judge_reward
+
+
 REWARDS: dict[str, Callable[..., RewardFn]] = {
     "accuracy": accuracy,
     "format": format_,
     "cosine_length": cosine_length,
     "repetition": repetition,
     "clinical_structure": clinical_structure,
+    "case_reasoning": case_reasoning,
     "overlong": overlong,
+    "judge": judge,
 }
 
 
