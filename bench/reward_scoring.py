@@ -16,6 +16,7 @@ import time
 
 from gazal.audit import audit_set, hacks, honest, reward_tokenizer
 from gazal.config import load_recipe
+from gazal import rewards
 from gazal.rewards import RewardSet, resolve_reward
 from gazal.tasks import messages
 
@@ -40,6 +41,9 @@ def main() -> None:
         start = time.perf_counter()
         for i in range(0, len(rows), args.batch):
             batch = rows[i:i + args.batch]
+            # A completion is scored once in training: forget parses of earlier batches, so that
+            # the pool's repeats do not turn into cache hits (within a batch the components share).
+            rewards._parse.cache_clear()
             rs.score([t for _, t, _ in batch], answer=[it.answer for it, _, _ in batch],
                      options=[it.options for it, _, _ in batch], prompts=[messages(it, recipe.task) for it, _, _ in batch],
                      completion_ids=[ids for _, _, ids in batch])

@@ -48,6 +48,13 @@ def _write(tmp_path, text):
         ("name: x\ngrpo:\n  rewards:\n    - name: nope\n", ["grpo.rewards.0", "unknown reward 'nope'"]),
         ("name: x\ngrpo:\n  rewards:\n    - name: accuracy\n      params: {scale: 2}\n", ["grpo.rewards.0", "scale"]),
         ("name: x\ngrpo:\n  num_generations: 3\n", ["grpo.num_generations"]),
+        # Gating a reward on accuracy needs an accuracy component.
+        ("name: x\ngrpo:\n  rewards:\n    - name: format\n    - name: overlong\n      only_when_accuracy_varies: true\n",
+         ["recipe.yaml:6", "grpo.rewards.1", "only_when_accuracy_varies", "accuracy"]),
+        # TRL ignores scale_rewards under normalize_then_sum: refused rather than silently dropped.
+        ("name: x\ngrpo:\n  multi_objective_aggregation: normalize_then_sum\n  scale_rewards: none\n",
+         ["grpo.scale_rewards", "normalize_then_sum"]),
+        ("name: x\ngrpo:\n  multi_objective_aggregation: average\n", ["grpo.multi_objective_aggregation"]),
         # 2 completions per pass x 3 passes per rollout batch: not whole groups of 4.
         ("name: x\ngrpo:\n  per_device_train_batch_size: 2\n  steps_per_generation: 3\n",
          ["grpo.num_generations", "steps_per_generation"]),

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from gazal import rundir
 from gazal.cli import main
+from gazal.grpo import gate_on_accuracy
 
 TINY = [
     "model.name_or_path=gazal:tiny-qwen3",
@@ -66,6 +67,42 @@ def test_continue_mode_trains_the_sft_adapter_itself(sft_run, tmp_path):
     assert {r["step"] for r in samples} == {1, 2}
     assert all(set(r["rewards"]) == {"accuracy", "format", "length"} and r["completion"] is not None for r in samples)
     assert "| advantage |" in (run / "grpo" / "samples.md").read_text()
+    # Logged by Gazal's _calculate_rewards override (fails if TRL stops calling it); nothing gated.
+    steps = [r for r in _rows(run / "grpo" / "metrics.jsonl") if "loss" in r]
+    assert all(0.0 <= r["gazal/accuracy_zero_std_frac"] <= 1.0 for r in steps)
+    assert summary["groups_gated_on_accuracy"] == 0
+
+
+def test_gate_on_accuracy_flattens_secondary_rewards_only_where_accuracy_is_constant():
+    nan = float("nan")
+    # Two groups of 3, columns (accuracy, length, format): group 1 all wrong, group 2 mixed.
+    rewards = torch.tensor([[0.0, 0.9, 1.0], [0.0, 0.3, 0.0], [nan, 0.6, 1.0],
+                            [1.0, 0.9, 1.0], [0.0, 0.3, 0.0], [0.0, 0.6, 1.0]])
+    gated, constant = gate_on_accuracy(rewards, accuracy=0, gated=(1,), size=3)
+    assert constant == 0.5
+    assert gated[:3, 1].tolist() == pytest.approx([0.6, 0.6, 0.6])  # its group mean: no advantage from it
+    assert torch.equal(gated[3:], rewards[3:])  # accuracy varies: untouched
+    assert torch.equal(gated[:, 2], rewards[:, 2]) and gated[:, 0].isnan().sum() == 1  # others as they were
+    assert gated[:, 1].mean().item() == pytest.approx(rewards[:, 1].mean().item())  # logged mean unchanged
+    _, none_constant = gate_on_accuracy(rewards[3:], 0, (1,), 3)
+    assert none_constant == 0.0
+
+
+def test_a_gated_reward_gives_no_advantage_in_groups_whose_accuracy_ties(sft_run, tmp_path):
+    run = _copy_sft(sft_run, tmp_path / "r")
+    gated = ("grpo.rewards=[{name: accuracy}, {name: format}, "
+             "{name: 'tiny_rewards:length', weight: 1.0, only_when_accuracy_varies: true}]")
+    assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, gated, "grpo.max_steps=1",
+                 "grpo.samples_every=1", "grpo.multi_objective_aggregation=normalize_then_sum"]) == 0
+    summary = json.loads((run / "grpo" / "summary.json").read_text())
+    # The tiny random model never answers: every group's accuracy ties, so the length reward (which
+    # differs between completions) is flattened to its group mean and the advantages are all zero.
+    assert summary["groups_gated_on_accuracy"] == 1
+    step = [r for r in _rows(run / "grpo" / "metrics.jsonl") if "loss" in r][0]
+    assert step["gazal/accuracy_zero_std_frac"] == 1.0 and step["frac_reward_zero_std"] == 1.0
+    samples = _rows(run / "grpo" / "samples.jsonl")
+    assert len({round(r["rewards"]["length"], 6) for r in samples}) == 1
+    assert len({r["completion"] for r in samples}) > 1 and all(r["advantage"] == 0 for r in samples)
 
 
 def test_new_mode_starts_a_fresh_adapter_on_the_merged_sft_model(sft_run, tmp_path):

@@ -5,12 +5,12 @@ import math
 
 import pytest
 
-from gazal.audit import hacks, honest
+from gazal.audit import audit_set, hacks, honest, reward_tokenizer, run_audit
 from gazal.cli import main
 from gazal.config import load_recipe
 from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model
 from gazal.rewards import REWARDS, RewardSet, parse, resolve_reward
-from gazal.tasks import Item
+from gazal.tasks import Item, messages
 
 OPTS = {"A": "Iron", "B": "Folate", "C": "Vitamin B12", "D": "Vitamin B1"}
 GOOD = "<think>\n1. Findings: macrocytic anaemia with neuropathy.\n2. Differential: folate vs B12.\n</think>\nThe answer is C."
@@ -25,6 +25,12 @@ def chat(text):
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer(resolve_model(TINY_QWEN3))
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    """The demo model's own tokenizer (SmolLM2, embedded): the audit's token budgets are real."""
+    return reward_tokenizer(load_recipe("demo"))
 
 
 def test_accuracy_uses_the_shared_extractor_and_skips_bad_gold():
@@ -121,7 +127,10 @@ def test_clinical_structure():
     fn = resolve_reward("clinical_structure")
     plain = "<think>it is that one</think>\nThe answer is C."
     echo = f"<think>{ITEM.question}</think>\nThe answer is C."
-    got = fn(completions=[honest(ITEM), plain, echo, "The answer is C"], options=[OPTS] * 4,
+    structured = ("<think>\n1. Findings: macrocytic anaemia and neuropathy in a vegan.\n2. Differential: folate "
+                  "versus B12 deficiency.\n3. Discriminating: neuropathy points to B12, because folate deficiency "
+                  "spares the nerves; therefore B12 is the most likely.\n</think>\nThe answer is C.")
+    got = fn(completions=[structured, plain, echo, "The answer is C"], options=[OPTS] * 4,
              prompts=[[{"role": "user", "content": ITEM.question}]] * 4)
     assert got[0] == 1.0 and got[1] == 0.0 and got[2] == 0.0 and got[3] == 0.0
     assert all(0.0 <= v <= 1.0 for v in got)
@@ -152,31 +161,90 @@ def test_bad_parameters_are_rejected():
 
 
 def test_registry_and_metric_names():
-    assert set(REWARDS) == {"accuracy", "format", "cosine_length", "repetition", "clinical_structure", "overlong"}
+    assert set(REWARDS) == {"accuracy", "format", "cosine_length", "repetition", "clinical_structure",
+                            "case_reasoning", "overlong", "judge"}
     assert resolve_reward("format").__name__ == "format"
 
 
-def test_every_hack_fails_format_or_is_outscored(tokenizer):
+def test_cosine_length_floor_pays_nothing_for_being_shorter():
+    fn = resolve_reward("cosine_length", {"max_len": 200, "floor_len": 100})
+    ids = [[0] * n for n in (5, 60, 100, 150, 200)]
+    right = fn(completions=[GOOD] * 5, answer=["C"] * 5, options=[OPTS] * 5, completion_ids=ids)
+    wrong = fn(completions=[GOOD] * 5, answer=["B"] * 5, options=[OPTS] * 5, completion_ids=ids)
+    assert right[:3] == [pytest.approx(1.0)] * 3 and right[3] == pytest.approx(0.75) and right[4] == pytest.approx(0.5)
+    assert wrong[:3] == [pytest.approx(-0.5)] * 3 and wrong[4] == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        resolve_reward("cosine_length", {"max_len": 100, "floor_len": 100})
+
+
+# The old reward set of the demo recipe (clinical_structure + cosine_length without a floor), kept as
+# the regression case: a content-free template beat the seed's own reasoning under it.
+OLD_DEMO_REWARDS = (
+    "grpo.rewards=[{name: accuracy, weight: 1.0}, {name: format, weight: 0.5}, "
+    "{name: cosine_length, weight: 0.5, params: {max_len: 192}}, {name: repetition, weight: 0.5}, "
+    "{name: clinical_structure, weight: 0.25}, {name: overlong, weight: 0.5, params: {cache: 48}}]"
+)
+TEMPLATE = "<think>\n1. History.\n2. Exam.\n3. Differential: risk, therefore because.\n</think>\nThe answer is {}."
+
+
+def test_yesterdays_reward_loses_to_a_content_free_template(demo_tokenizer):
+    old = load_recipe("demo", [OLD_DEMO_REWARDS])
+    failed = {r.hack for r in run_audit(old, demo_tokenizer) if not r.passed}
+    assert {"content_free_template", "cue_word_list", "generic_steps_with_options"} <= failed
+    new = load_recipe("demo")
+    assert not [r for r in run_audit(new, demo_tokenizer) if not r.passed]
+
+
+def test_case_reasoning_pays_the_seed_reasoning_of_every_case_above_every_empty_family():
+    """On all 163 seed cases, not only the 8 the audit samples: the seed's own reasoning beats every
+    family that does not reason about the case, and the same reasoning earns less when put to a
+    different question."""
+    fn = resolve_reward("case_reasoning")
     recipe = load_recipe("demo")
-    rs = RewardSet.from_recipe(recipe, tokenizer)
-    named = {"honest": honest(ITEM), **hacks(ITEM)}
-    scored = rs.score(list(named.values()), answer=["C"] * len(named), options=[OPTS] * len(named),
-                      prompts=[ITEM.question] * len(named))
-    totals = dict(zip(named, (s["total"] for s in scored)))
-    assert all(totals[h] < totals["honest"] for h in named if h != "honest"), totals
-    assert parse(named["honest"], list(OPTS), OPTS).well_formed
-    assert all(math.isfinite(t) for t in totals.values())
+    families = ["content_free_template", "cue_word_list", "case_keyword_list", "options_pasted",
+                "generic_steps_with_options", "options_dismissed_without_findings", "findings_with_empty_relations",
+                "varied_empty_padding", "another_cases_reasoning", "prompt_echoed_as_reasoning"]
+    pairs = audit_set(163)
+    assert len(pairs) == 163
+    for case, other in pairs:
+        full = honest(case)["full"]
+        gaming = hacks(case, other)
+        n = 1 + len(families)
+        got = fn(completions=[full] + [gaming[f] for f in families], prompts=[messages(case.item, recipe.task)] * n,
+                 options=[case.item.options] * n)
+        assert 0.0 < got[0] <= 1.0 and all(0.0 <= v < got[0] for v in got[1:]), (case.item.id, got)
+        elsewhere = full.rsplit("The answer is", 1)[0] + f"The answer is {other.item.answer}."
+        there = fn(completions=[elsewhere], prompts=[messages(other.item, recipe.task)], options=[other.item.options])
+        assert there[0] < got[0], (case.item.id, other.item.id)
+
+
+def test_case_reasoning_floor_and_yes_no_questions():
+    fn = resolve_reward("case_reasoning")
+    context = ("In a cohort of 412 adults with type 2 diabetes, daily metformin was associated with lower rates "
+               "of colorectal adenoma on surveillance colonoscopy after adjustment for age and obesity.")
+    prompt = [{"role": "user", "content": f"Context: {context}\n\nQuestion: Does metformin lower adenoma risk?"}]
+    reasoned = ("<think>\nThe cohort of 412 diabetic adults links metformin with fewer colorectal adenomas, which "
+                "suggests a protective effect. The association held after adjustment for age and obesity, so those "
+                "confounders do not explain it. Because this is an observational cohort, confounding by indication "
+                "remains possible, so the evidence supports a cautious yes for metformin.\n</think>\nThe answer is yes.")
+    template = TEMPLATE.format("yes")
+    got = fn(completions=[reasoned, template, "The answer is yes.", f"<think>{context}</think>\nThe answer is yes."],
+             prompts=[prompt] * 4, labels=[["yes", "no", "maybe"]] * 4)
+    assert got[0] > 0.5 and got[1:] == [0.0, 0.0, 0.0]  # template, no reasoning, echo: the floor
 
 
 @pytest.mark.parametrize("name", ["demo", "gazal-r1-32b"])
 def test_audit_passes_for_shipped_recipes(name, capsys):
-    assert main(["rewards", "audit", "--config", name, "model.name_or_path=gazal:tiny-qwen3"]) == 0
-    assert " 0 failed" in capsys.readouterr().out
+    # Every seed case, not just the 8 the pre-GRPO audit samples.
+    # The demo measures lengths with its own tokenizer; the 32B recipe's is not here offline, and the
+    # tiny model's (about 1.6 x as many tokens) stands in, which only makes honest completions longer.
+    assert main(["rewards", "audit", "--config", name, "--questions", "163"]) == 0
+    out = capsys.readouterr().out
+    assert " 0 failed" in out and "content_free_template" in out and "another_cases_reasoning" in out
 
 
 def test_audit_fails_for_an_accuracy_only_reward(tokenizer, capsys):
-    args = ["rewards", "audit", "--config", "demo", "model.name_or_path=gazal:tiny-qwen3",
-            "grpo.rewards=[{name: accuracy}]"]
+    args = ["rewards", "audit", "--config", "demo", "grpo.rewards=[{name: accuracy}]"]
     assert main(args) == 1
     assert "GAMES THE REWARD" in capsys.readouterr().out
 

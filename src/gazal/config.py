@@ -624,7 +624,7 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
     names = [spec.name for spec in g.rewards]
     for i, spec in enumerate(g.rewards):
         if spec.only_when_accuracy_varies and (spec.name == "accuracy" or "accuracy" not in names):
-            raise GazalError(f"{where('grpo', 'rewards', str(i))}: grpo.rewards.{i} ({spec.name}): "
+            raise GazalError(f"{where('grpo', 'rewards', str(i), 'only_when_accuracy_varies')}: grpo.rewards.{i} ({spec.name}): "
                              "only_when_accuracy_varies needs an 'accuracy' component to gate on, and cannot be "
                              "set on accuracy itself")
     if g.multi_objective_aggregation == "normalize_then_sum" and g.scale_rewards != "group":

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import snowballstemmer
+
 from gazal.answer import HEDGE, NO_ANSWER, OK, YES_NO_MAYBE, answer_statements
 from gazal.errors import GazalError
 from gazal.judge import DEFAULT_API_KEY_ENV, Judge, JudgeRequest
@@ -67,6 +69,13 @@ class Parsed:
 
 def parse(text: str, labels: Sequence[str], options: Mapping[str, str] | None, max_trailing_chars: int = 200) -> Parsed:
     """Check the Gazal answer format: <think>reasoning</think> then one clean final answer statement."""
+    return _parse(text, tuple(labels), tuple((options or {}).items()) or None, max_trailing_chars)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str, labels: tuple, option_items: tuple | None, max_trailing_chars: int) -> Parsed:
+    # Cached: format, length, repetition and reasoning rewards all parse the same completion.
+    options = dict(option_items) if option_items else None
     m = _FORMAT.match(text)
     if not m or not m.group("think").strip():
         return Parsed("", "", False, "no single non-empty reasoning block first")
@@ -105,8 +114,14 @@ def echoes_prompt(think: str, prompt: str, threshold: float = 0.6) -> bool:
     grams = _ngrams(_words(think), 3)
     if not grams:
         return False
-    source = set(_ngrams(_words(prompt), 3))
+    source = _trigrams(prompt)
     return sum(g in source for g in grams) / len(grams) >= threshold
+
+
+@functools.lru_cache(maxsize=1024)
+def _trigrams(prompt: str) -> frozenset:
+    # Cached: every completion of a group, and three components per completion, share the prompt.
+    return frozenset(_ngrams(_words(prompt), 3))
 
 
 def _lengths(completions: list, completion_ids: list | None, tokenizer) -> list[int]:
@@ -298,23 +313,25 @@ _RELATION = re.compile(
 # ("blood", "pressure", "pain", "left", small numbers). They ground a sentence in the case, but
 # they do not show that the reasoning is about *this* case: another case's reasoning has them too.
 _COMMON = frozenset("""
-000 1 1.73 10 100 12 2 20 24 3 30 4 5 50 58 6 7 8 9 appropr blood chest chron count creatin ct daily
-develop diabet disease egfr fever heart hemoglo high hyperte kidne left mild mmhg mmol negat pain
-platele posit pressur rate right risk score serum severe start symptom takes tempera test therap
-type ultraso upper urine
+000 1 1.73 10 100 12 2 20 24 3 30 4 5 50 58 6 7 8 9 appropr blood cell chest chronic count creatin
+ct daili develop diabet diseas egfr fever heart hemoglo high hyperte kidney left mild minut mmhg
+mmol negat pain platele posit pressur rate receiv right risk score serum sever start symptom take
+tempera test therapi type ultraso upper urin
 """.split())
 _TERM = re.compile(r"[A-Za-z][A-Za-z]*|\d+(?:\.\d+)?")
 _LETTER_REF = re.compile(r"\b(?:option|choice|answer)\s+\(?([A-J])\)?(?![A-Za-z0-9])")
 _UNIT_SPLIT = re.compile(r"[.;!?:](?=\s|$)|\n+")
 
 
-_SUFFIX = re.compile(r"(?:ations?|ings?|ies|ed|es|s|ic|al|ia|ous|ive|ions?|ity|ism|ly|ary|y)$")
+_ENGLISH = snowballstemmer.stemmer("english")
 
 
+@functools.lru_cache(maxsize=65536)
 def _stem(token: str) -> str | None:
-    """A term's comparable form, or None for words that carry no case content: a common suffix
-    dropped, then seven letters ("hypertension" meets "hypertensive", "widened" meets "widening",
-    and "hyperpigmentation" stays apart from "hyperaldosteronism")."""
+    """A term's comparable form, or None for words that carry no case content: its Porter2 stem
+    (the snowball stemmer, as search engines use), cut to seven letters ("hypertension" meets
+    "hypertensive", "mediastinum" meets "mediastinal"; "hyperpigmentation" stays apart from
+    "hyperaldosteronism"). Cached: a clinical vocabulary is small, and stemming is the slow part."""
     if token[0].isdigit():
         return token
     if 2 <= len(token) <= 5 and sum(c.isupper() for c in token) >= 2:
@@ -322,7 +339,7 @@ def _stem(token: str) -> str | None:
     low = token.lower()
     if len(low) < 4 or low in _STOP:
         return None
-    return (_SUFFIX.sub("", low) if len(low) > 5 else low)[:7]
+    return _ENGLISH.stemWord(low)[:7]
 
 
 def _stems(text: str) -> set[str]:
