@@ -187,14 +187,14 @@ def run_audit(recipe: Recipe, tokenizer, n_questions: int = 8) -> list[AuditRow]
     """Score every hack against every honest completion of its question with the recipe's rewards."""
     reward_set = RewardSet.from_recipe(recipe, tokenizer)
     budget = honest_budget(recipe)
-    rows = []
+    rows, skipped = [], []
     for case, other in audit_set(n_questions):
         item = case.item
         refs = {k: v for k, v in honest(case).items()
                 if len(tokenizer(v, add_special_tokens=False)["input_ids"]) <= budget}
         if not refs:
-            raise GazalError(f"reward audit: no honest completion of {item.id} fits in {budget} tokens "
-                             "(grpo.max_completion_length less the overlong reward's cache)")
+            skipped.append(item.id)
+            continue
         named = {**{f"honest:{k}": v for k, v in refs.items()}, **hacks(case, other)}
         n = len(named)
         scored = reward_set.score(list(named.values()), answer=[item.answer] * n, options=[item.options] * n,
@@ -202,6 +202,13 @@ def run_audit(recipe: Recipe, tokenizer, n_questions: int = 8) -> list[AuditRow]
         totals = dict(zip(named, (s["total"] for s in scored)))
         for hack in hacks(case, other):
             rows.extend(AuditRow(item.id, hack, ref, totals[hack], totals[f"honest:{ref}"]) for ref in refs)
+    if skipped:
+        log.warning("reward audit: no honest completion of %s fits in %d tokens (grpo.max_completion_length less "
+                    "the overlong reward's cache); %s left out", ", ".join(skipped), budget,
+                    "that question is" if len(skipped) == 1 else "those questions are")
+    if not rows:
+        raise GazalError(f"reward audit: no honest completion of any audited question fits in {budget} tokens "
+                         "(grpo.max_completion_length less the overlong reward's cache): raise the limit")
     return rows
 
 
