@@ -1,6 +1,6 @@
 """Reward throughput: completions scored per second by a recipe's reward, side by side with accuracy alone.
 
-    python bench/reward_scoring.py [--config demo] [--n 10000]
+    python bench/reward_scoring.py [--config demo] [--n 10000] [KEY=VALUE ...]
 
 Completions are realistic: the audit's honest completions (seed reasoning at several lengths) and its
 gaming variants over the bundled seed cases, with token ids precomputed as TRL passes them to reward
@@ -26,8 +26,9 @@ def main() -> None:
     p.add_argument("--config", default="demo")
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--batch", type=int, default=64, help="completions per reward call (TRL calls per batch)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. another grpo.rewards")
     args = p.parse_args()
-    recipe = load_recipe(args.config)
+    recipe = load_recipe(args.config, args.overrides)
     tokenizer = reward_tokenizer(recipe)
     pool = []
     for case, other in audit_set(40):

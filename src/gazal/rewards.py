@@ -427,11 +427,15 @@ def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target
         units = _units(parsed.think)
         if not units or not case.terms:
             return 0.0
-        interpreted, grounded, used = 0, 0, set()
+        interpreted, grounded, used, said = 0, 0, set(), set()
         weighed: set[str] = set()
         last_named: dict[str, int] = {}
         for i, unit in enumerate(units):
             stems = _stems(unit)
+            # What the clause says beyond relation words: "the tearing pain suggests the diagnosis"
+            # says "tearing", "pain".
+            plain = _stems(_RELATION.sub(" ", unit))
+            said |= plain
             letters = _LETTER_REF.findall(unit)
             named = [k for k, t in case.naming.items()
                      if stems & t or k in letters or (case.option_terms[k] and case.option_terms[k] <= stems)]
@@ -440,9 +444,8 @@ def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target
             grounded += bool(stems & case.terms) or bool(named)
             if _is_list(unit) or not (_RELATION.search(unit) or len(unit.split()) >= 5):
                 continue  # names things (a list, a heading), claims nothing
-            # What the clause brings beyond the case's and the options' own words, relation words
-            # aside: "the tearing pain suggests the diagnosis" brings nothing.
-            knowledge = _stems(_RELATION.sub(" ", unit)) - case.terms - case.every_option
+            # What it brings beyond the case's and the options' own words: here, nothing.
+            knowledge = plain - case.terms - case.every_option
             if stems & case.specific and knowledge:
                 interpreted += 1
                 used |= stems & case.specific
@@ -466,7 +469,7 @@ def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target
         else:
             last = _stems(units[-1]) & case.terms and _RELATION.search(units[-1])
             score = 0.35 * findings + 0.50 * interpretation + 0.15 * (1.0 if last else 0.0)
-        own_terms = _stems(_RELATION.sub(" ", parsed.think)) - _COMMON
+        own_terms = said - _COMMON
         topical = len(own_terms & (case.specific | case.every_option)) / len(own_terms) if own_terms else 0.0
         return score * min(1.0, grounded / len(units) / grounded_share) * min(1.0, topical / on_topic)
 
