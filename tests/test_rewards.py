@@ -27,12 +27,6 @@ def tokenizer():
     return load_tokenizer(resolve_model(TINY_QWEN3))
 
 
-@pytest.fixture(scope="module")
-def demo_tokenizer():
-    """The demo model's own tokenizer (SmolLM2, embedded): the audit's token budgets are real."""
-    return reward_tokenizer(load_recipe("demo"))
-
-
 def test_accuracy_uses_the_shared_extractor_and_skips_bad_gold():
     acc = resolve_reward("accuracy")
     completions = [chat(GOOD), chat("<think>r</think>\nThe answer is B or C"),
@@ -177,22 +171,26 @@ def test_cosine_length_floor_pays_nothing_for_being_shorter():
         resolve_reward("cosine_length", {"max_len": 100, "floor_len": 100})
 
 
-# The old reward set of the demo recipe (clinical_structure + cosine_length without a floor), kept as
-# the regression case: a content-free template beat the seed's own reasoning under it.
-OLD_DEMO_REWARDS = (
-    "grpo.rewards=[{name: accuracy, weight: 1.0}, {name: format, weight: 0.5}, "
-    "{name: cosine_length, weight: 0.5, params: {max_len: 192}}, {name: repetition, weight: 0.5}, "
-    "{name: clinical_structure, weight: 0.25}, {name: overlong, weight: 0.5, params: {cache: 48}}]"
-)
+# The shipped recipes' old reward sets (clinical_structure + cosine_length without a floor), kept as
+# the regression case: a content-free template beat the seed's own reasoning under both.
+OLD_REWARDS = {
+    "demo": "grpo.rewards=[{name: accuracy, weight: 1.0}, {name: format, weight: 0.5}, "
+            "{name: cosine_length, weight: 0.5, params: {max_len: 192}}, {name: repetition, weight: 0.5}, "
+            "{name: clinical_structure, weight: 0.25}, {name: overlong, weight: 0.5, params: {cache: 48}}]",
+    "gazal-r1-32b": "grpo.rewards=[{name: accuracy, weight: 1.0}, {name: format, weight: 0.2}, "
+                    "{name: cosine_length, weight: 0.5, params: {max_len: 2048}}, {name: repetition, weight: 0.5}, "
+                    "{name: clinical_structure, weight: 0.2}, {name: overlong, weight: 0.5, params: {cache: 256}}]",
+}
 TEMPLATE = "<think>\n1. History.\n2. Exam.\n3. Differential: risk, therefore because.\n</think>\nThe answer is {}."
 
 
-def test_yesterdays_reward_loses_to_a_content_free_template(demo_tokenizer):
-    old = load_recipe("demo", [OLD_DEMO_REWARDS])
-    failed = {r.hack for r in run_audit(old, demo_tokenizer) if not r.passed}
+@pytest.mark.parametrize("name", ["demo", "gazal-r1-32b"])
+def test_yesterdays_reward_loses_to_a_content_free_template(name):
+    tokenizer = reward_tokenizer(load_recipe(name))
+    old = load_recipe(name, [OLD_REWARDS[name]])
+    failed = {r.hack for r in run_audit(old, tokenizer) if not r.passed}
     assert {"content_free_template", "cue_word_list", "generic_steps_with_options"} <= failed
-    new = load_recipe("demo")
-    assert not [r for r in run_audit(new, demo_tokenizer) if not r.passed]
+    assert not [r for r in run_audit(load_recipe(name), tokenizer) if not r.passed]
 
 
 def test_case_reasoning_pays_the_seed_reasoning_of_every_case_above_every_empty_family():
