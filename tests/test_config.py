@@ -90,3 +90,14 @@ def test_grpo_groups_may_span_processes(monkeypatch):
         config.load_recipe("demo", ["grpo.per_device_train_batch_size=2"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert config.load_recipe("demo", ["grpo.per_device_train_batch_size=2"]).grpo.per_device_train_batch_size == 2
+
+
+def test_evaluation_shorter_than_grpo_completions_is_warned(tmp_path, caplog):
+    text = "name: x\ngrpo:\n  max_completion_length: 1024\neval:\n  max_new_tokens: 512\n"
+    with caplog.at_level("WARNING", logger="gazal.config"):
+        assert main(["validate", "--config", _write(tmp_path, text)]) == 0
+    assert "recipe.yaml:5" in caplog.text and "eval.max_new_tokens=512" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gazal.config"):
+        assert main(["validate", "--config", "gazal-r1-32b"]) == 0
+    assert "max_new_tokens" not in caplog.text  # the shipped recipes evaluate as long as they train

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from gazal import rundir
 from gazal.cli import main
-from gazal.grpo import gate_on_accuracy
+from gazal.grpo import gate_on_accuracy, neutral_skips
 
 TINY = [
     "model.name_or_path=gazal:tiny-qwen3",
@@ -86,6 +86,16 @@ def test_gate_on_accuracy_flattens_secondary_rewards_only_where_accuracy_is_cons
     assert gated[:, 1].mean().item() == pytest.approx(rewards[:, 1].mean().item())  # logged mean unchanged
     _, none_constant = gate_on_accuracy(rewards[3:], 0, (1,), 3)
     assert none_constant == 0.0
+
+
+def test_a_skipped_value_takes_its_group_mean_and_a_wholly_skipped_group_stays_skipped():
+    nan = float("nan")
+    # Groups of 2, columns (accuracy, judge): the judge timed out once in group 1; group 2 has no gold.
+    rewards = torch.tensor([[1.0, 0.8], [0.0, nan], [nan, 0.4], [nan, 0.2]])
+    filled = neutral_skips(rewards, 2)
+    assert filled[1, 1].item() == pytest.approx(0.8)  # neutral: no advantage from the skip
+    assert filled[2:, 0].isnan().all() and torch.equal(filled[2:, 1], rewards[2:, 1])
+    assert torch.equal(filled[0], rewards[0])
 
 
 def test_a_gated_reward_gives_no_advantage_in_groups_whose_accuracy_ties(sft_run, tmp_path):

@@ -16,8 +16,7 @@ import pytest
 from gazal.errors import GazalError
 from gazal.judge import FAILURES, Judge, JudgeRequest, load_rubric, parse_reply
 from gazal.models import TINY_QWEN3
-from gazal.rewards import REWARDS, parse, resolve_reward
-from gazal.tasks import prompt_text
+from gazal.rewards import REWARDS, resolve_reward
 
 OPTS = {"A": "Iron", "B": "Folate", "C": "Vitamin B12", "D": "Vitamin B1"}
 QUESTION = "A vegan has macrocytic anaemia and neuropathy. Which deficiency is most likely?"
@@ -155,9 +154,10 @@ def test_faults_give_none_and_count_never_raise(server, route, kind):
     judge = make(base, route, timeout_s=0.3 if route == "slow" else 5)
     assert judge.grade([req(1), req(2)]) == [None, None]
     assert judge.counts[kind] == 2 and sum(judge.counts[k] for k in FAILURES) == 2
-    # A malformed reply is the grader's verdict and is cached; transport failures are asked again.
+    # A reply that ends by itself in the wrong format is the grader's verdict and is cached; a body
+    # that is not a chat completion, and transport failures, are asked again.
     assert judge.grade([req(1)]) == [None]
-    cached = kind == "malformed"
+    cached = route == "prose"
     assert judge.counts["requests"] == 2 + (not cached) and judge.counts["cache_hits"] == cached
     if route != "closed":
         assert len(Grader.seen) == 2 + (not cached)
@@ -266,16 +266,12 @@ def test_against_a_real_gazal_serve(tmp_path):
                                                                  "gazal/judge_cache_hits": 0.0}
         body = json.loads(Proxy.last)
         assert body["model"] == "tiny" and QUESTION in body["messages"][0]["content"]
-        # The same inputs again: served from the cache, no new request; a new Judge reads the file.
+        # Its replies stop at max_tokens (finish_reason "length"): not a verdict, so not cached, and the
+        # same inputs are asked again (a grader given more room may answer); nothing is written.
         again = fn(completions=[good(1), good(2), "bare"], prompts=[PROMPT] * 3, options=[OPTS] * 3,
                    log_metric=lambda k, v: logged.__setitem__(k, v))
-        assert again == got and Proxy.calls == 2 and logged["gazal/judge_cache_hits"] == 2.0
-        assert fn.judge.counts["malformed"] == 2
-        fresh_judge = Judge(fn.judge.base_url, "tiny", cache_path=tmp_path / "judge.jsonl")
-        parsed = parse(good(1)[0]["content"], list(OPTS), OPTS)
-        assert fresh_judge.grade([JudgeRequest(prompt_text(PROMPT), parsed.think.strip(),
-                                               parsed.after.strip())]) == [None]
-        assert Proxy.calls == 2 and fresh_judge.counts["cache_hits"] == 1
+        assert again == got and Proxy.calls == 4 and logged["gazal/judge_cache_hits"] == 0.0
+        assert fn.judge.counts["malformed"] == 4 and not (tmp_path / "judge.jsonl").exists()
     finally:
         serve.kill()
         serve.wait()

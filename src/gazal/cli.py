@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     r = rsub.add_parser("audit", help="gaming completions vs honest ones; exit 1 if any hack scores >= honest")
     r.add_argument("--config", "-c", default="demo", metavar="RECIPE")
-    r.add_argument("--questions", type=int, default=8, metavar="N",
+    r.add_argument("--questions", type=_positive, default=8, metavar="N",
                    help="seed cases to audit, spread over the file (default 8, as before GRPO; 163 is all)")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)")
@@ -123,6 +123,13 @@ def _data(args: argparse.Namespace) -> int:
         print("  (no --benchmarks: decontamination not checked)")
     print(f"report: {args.out.with_suffix('.report.md')}")
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _rewards(args: argparse.Namespace) -> int:

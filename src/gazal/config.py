@@ -7,6 +7,7 @@ and bad values are rejected with the full dotted key, the file and line, and the
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gazal.errors import GazalError
+
+log = logging.getLogger(__name__)
 
 
 # transformers schedulers that need no extra arguments (cosine_with_min_lr and friends need lr_scheduler_kwargs).
@@ -627,6 +630,11 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
             raise GazalError(f"{where('grpo', 'rewards', str(i), 'only_when_accuracy_varies')}: grpo.rewards.{i} ({spec.name}): "
                              "only_when_accuracy_varies needs an 'accuracy' component to gate on, and cannot be "
                              "set on accuracy itself")
+    if g.enabled and recipe.eval.enabled and recipe.eval.max_new_tokens < g.max_completion_length:
+        # A warning, not a refusal: short evaluations are legitimate (smoke tests, direct answers).
+        log.warning("%s: eval.max_new_tokens=%d is below grpo.max_completion_length=%d: evaluation cuts off "
+                    "completions the trained model was paid to write (an unclosed <think> scores as no answer)",
+                    where("eval", "max_new_tokens"), recipe.eval.max_new_tokens, g.max_completion_length)
     if g.multi_objective_aggregation == "normalize_then_sum" and g.scale_rewards != "group":
         raise GazalError(f"{where('grpo', 'scale_rewards')}: grpo.scale_rewards={g.scale_rewards} has no effect with "
                          "grpo.multi_objective_aggregation=normalize_then_sum (TRL normalises each component per "

@@ -90,7 +90,10 @@ class GazalGRPOTrainer(GRPOTrainer):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         mode = "train" if self.model.training else "eval"
         size = self.num_generations if mode == "train" else self.num_generations_eval
-        if self.accuracy_column is None or size < 2:
+        if size < 2:
+            return rewards
+        rewards = neutral_skips(rewards, size)
+        if self.accuracy_column is None:
             return rewards
         rewards, constant = gate_on_accuracy(rewards, self.accuracy_column, self.gated_columns, size)
         self._metrics[mode]["gazal/accuracy_zero_std_frac"].append(constant)
@@ -115,6 +118,24 @@ class GazalGRPOTrainer(GRPOTrainer):
             # TRL keeps the latest generation batch in `_logs` (sized to it) for its own completion tables.
             write_samples(self.samples_dir, step, list(self._logs["prompt"]), list(self._logs["completion"]),
                           {name: list(v) for name, v in self._logs["rewards"].items()}, list(self._logs["advantages"]))
+
+
+def neutral_skips(rewards: torch.Tensor, size: int) -> torch.Tensor:
+    """Give a completion that a component skipped (None, NaN here: a judge timeout, say) that
+    component's mean over the rest of its group.
+
+    TRL sums the weighted components with NaN as 0, so a skip would score like the component's
+    worst and, as timeouts hit long completions, bias the group against length. With the group
+    mean it adds nothing to that completion's advantage. Groups the component skipped whole (a
+    reward that does not apply to the question) stay NaN, as TRL expects.
+    """
+    grouped = rewards.view(-1, size, rewards.shape[1])
+    skipped = grouped.isnan()
+    partial = skipped.any(dim=1, keepdim=True) & ~skipped.all(dim=1, keepdim=True)
+    if not partial.any():
+        return rewards
+    mean = torch.nanmean(grouped, dim=1, keepdim=True).expand_as(grouped)
+    return torch.where(skipped & partial, mean, grouped).view_as(rewards)
 
 
 def gate_on_accuracy(rewards: torch.Tensor, accuracy: int, gated: tuple[int, ...],

@@ -12,11 +12,13 @@ of range, a boolean, NaN) is malformed. The score is mapped to [0, 1] as score /
 
 Failures never raise and never pay a silent 0: a timeout, an HTTP error status, a connection error
 (each after the openai client's own retries) or a malformed reply gives None for that completion
-(TRL skips it) and increments `Judge.counts[kind]`, kind one of FAILURES. Verdicts are cached by
-sha256(model, rubric text, rendered request) in memory and, with `cache_path`, appended to a JSONL
-file that is read back at start, so a resumed run does not pay twice. A malformed reply is a verdict
-too (cached as None: the grader would say the same again); timeouts and HTTP and connection errors
-are transient and asked again next time.
+(in GRPO it then takes its group's mean for this component, so a failure is neutral) and
+increments `Judge.counts[kind]`, kind one of FAILURES. Verdicts are cached by
+sha256(model, decoding settings, rubric text, rendered request) in memory and, with `cache_path`,
+appended to a JSONL file that is read back at start, so a resumed run does not pay twice. A reply
+that ended by itself but breaks the format is a verdict too (cached as None: the grader would say
+the same again); a reply cut at max_tokens, a body that is not a chat completion, timeouts and
+HTTP and connection errors are asked again next time.
 
 The API key is read from the environment variable named by `api_key_env` when the client is first
 needed, and is never stored by the Judge or written anywhere; a missing variable means no key (fine
@@ -161,7 +163,7 @@ class Judge:
 
     def key(self, rendered: str) -> str:
         h = hashlib.sha256()
-        for part in (self.model, self.template.template, rendered):
+        for part in (self.model, f"{self.temperature}/{self.max_tokens}", self.template.template, rendered):
             h.update(part.encode("utf-8"))
             h.update(b"\0")
         return h.hexdigest()
@@ -169,6 +171,10 @@ class Judge:
     # -- requests ---------------------------------------------------------------------------------
 
     def client(self):
+        with self._lock:  # the pool's first requests arrive together: one client for all
+            return self._make_client()
+
+    def _make_client(self):
         if self._client is None:
             from openai import OpenAI
 
@@ -188,17 +194,22 @@ class Judge:
             resp = self.client().chat.completions.create(
                 model=self.model, messages=[{"role": "user", "content": prompt}],
                 temperature=self.temperature, max_tokens=self.max_tokens)
-            text = resp.choices[0].message.content if resp.choices else None
+            choice = resp.choices[0] if resp.choices else None
+            text = choice.message.content if choice else None
         except openai.APITimeoutError:
             return None, "timeout"
         except openai.APIStatusError:
             return None, "http_error"
         except openai.APIConnectionError:
             return None, "connection_error"
-        except Exception:  # a 200 whose body is not a chat completion
-            return None, "malformed"
+        except Exception:  # a 200 whose body is not a chat completion (not cached: it may be ours)
+            return None, "malformed_body"
         score = parse_reply(text)
-        return (score, "graded") if score is not None else (None, "malformed")
+        if score is not None:
+            return score, "graded"
+        # A reply that ended by itself and breaks the format is the grader's verdict (cached); one
+        # cut at max_tokens is not (a thinking grader may simply need more room).
+        return None, "malformed" if choice.finish_reason == "stop" else "malformed_cut"
 
     def grade(self, requests: Sequence[JudgeRequest]) -> list[float | None]:
         """A score in [0, 1] per request, None where grading failed; identical requests are asked once."""
@@ -218,9 +229,13 @@ class Judge:
             batch["requests"] += len(todo)
             with ThreadPoolExecutor(max_workers=min(self.concurrency, len(todo)), thread_name_prefix="judge") as pool:
                 for k, (score, kind) in zip(todo, pool.map(self._ask, todo.values())):
+                    if kind.startswith("malformed_"):
+                        kind, cache = "malformed", False
+                    else:
+                        cache = kind in ("graded", "malformed")
                     batch[kind] += 1
                     results[k] = score
-                    if kind in ("graded", "malformed"):
+                    if cache:
                         self._store(k, score)
         failed = {kind: batch[kind] for kind in FAILURES if batch[kind]}
         if failed:

@@ -319,7 +319,7 @@ mmol negat pain platele posit pressur rate receiv right risk score serum sever s
 tempera test therapi type ultraso upper urin
 """.split())
 _TERM = re.compile(r"[A-Za-z][A-Za-z]*|\d+(?:\.\d+)?")
-_LETTER_REF = re.compile(r"\b(?:option|choice|answer)\s+\(?([A-J])\)?(?![A-Za-z0-9])")
+_LETTER_REF = re.compile(r"\b(?i:option|choice|answer)\s+\(?([A-J])\)?(?![A-Za-z0-9])")
 _UNIT_SPLIT = re.compile(r"[.;!?:](?=\s|$)|\n+")
 
 
@@ -374,6 +374,13 @@ def _case(prompt: str, options: tuple[tuple[str, str], ...]) -> _Case:
     return _Case(terms, (terms - _COMMON) or terms, naming, option_terms, every_option)
 
 
+def _user_turn(prompt: Any) -> str:
+    """The question as the user put it: a system prompt is not part of the case."""
+    if isinstance(prompt, list):
+        return "\n\n".join(m["content"] for m in prompt if m.get("role") == "user")
+    return prompt_text(prompt)
+
+
 def _is_list(unit: str) -> bool:
     """A comma list of short items ("tearing pain, widened mediastinum, ST elevation"): names, no claim.
     A list that a predicate closes ("melena, hypotension or a falling hemoglobin would prompt
@@ -401,8 +408,9 @@ def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target
       case term or brings knowledge of its own (two terms beyond the case's and options' words),
       up to `target_weighed`;
     - conclusion (0.15): the option finally chosen was weighed and is named in the last third of
-      the reasoning (for yes/no questions: the last sentence interprets a case term), and its weight goes to
-      interpretation for yes/no questions, which have no options to weigh;
+      the reasoning (for yes/no questions: the last sentence relates a case term);
+    yes/no questions have no options to weigh: there findings pay 0.35, interpretation 0.50 and
+    the conclusion 0.15;
     all times min(1, share of sentences that touch the case or an option / `grounded_share`), so
     padding with sentences about nothing dilutes the whole score, and times min(1, share of the
     reasoning's own distinct terms that are this case's or its options' / `on_topic`), so reasoning
@@ -478,7 +486,7 @@ def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target
         out = []
         for i, completion in enumerate(completions):
             lab, opts = _row(i, options, labels)
-            out.append(one(completion_text(completion), prompt_text(prompts[i]) if prompts else "", lab, opts))
+            out.append(one(completion_text(completion), _user_turn(prompts[i]) if prompts else "", lab, opts))
         return out
 
     return case_reasoning_reward
@@ -508,7 +516,7 @@ def judge(base_url: str, model: str, rubric: str | None = None, timeout_s: float
     weighs the options against them and reaches a conclusion that follows; generic reasoning scores low.
     Ill-formed completions, and reasoning that echoes the prompt, get the floor 0.0 without a request,
     so dropping the format can never buy a better grade. A timeout, HTTP or connection error or a
-    malformed reply is None (skipped), never 0. The key comes only from $api_key_env. Logs
+    malformed reply is None, never 0 (in GRPO it then takes its group's mean: grpo.neutral_skips). The key comes only from $api_key_env. Logs
     gazal/judge_failures and gazal/judge_cache_hits (counts in this batch)."""
     grader = Judge(base_url, model, rubric, timeout_s=timeout_s, concurrency=concurrency, max_retries=max_retries,
                    cache_path=cache_path, api_key_env=api_key_env, max_tokens=max_tokens, temperature=temperature)
@@ -592,7 +600,8 @@ class RewardSet:
     def score(self, completions: list, answer: list, options: list | None = None, labels: list | None = None,
               prompts: list | None = None, completion_ids: list | None = None) -> list[dict[str, Any]]:
         """Per completion: each component's value and `total`, the weighted sum of the non-None values
-        (as TRL's GRPOTrainer sums them)."""
+        (TRL's sum before it normalises; without `only_when_accuracy_varies`, which needs a group, and
+        without `normalize_then_sum`: so the totals rank completions by what each earns alone)."""
         columns = {"answer": answer, "options": options, "labels": labels, "prompts": prompts,
                    "completion_ids": completion_ids}
         values = [fn(completions=completions, **columns) for fn in self.functions]
