@@ -201,7 +201,7 @@ def test_case_reasoning_pays_the_seed_reasoning_of_every_case_above_every_empty_
     recipe = load_recipe("demo")
     families = ["content_free_template", "cue_word_list", "case_keyword_list", "options_pasted",
                 "generic_steps_with_options", "options_dismissed_without_findings", "findings_with_empty_relations",
-                "varied_empty_padding", "another_cases_reasoning", "prompt_echoed_as_reasoning"]
+                "varied_empty_padding", "another_cases_reasoning", "prompt_echoed_as_reasoning", "case_words_in_filler"]
     pairs = audit_set(163)
     assert len(pairs) == 163
     for case, other in pairs:

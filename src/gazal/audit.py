@@ -94,7 +94,7 @@ def hacks(case: Case, other: Case) -> dict[str, str]:
     think = full.split("</think>")[0] + "</think>"
     body = think.removeprefix("<think>").removesuffix("</think>")
     answer = f"The answer is {letter}."
-    terms = list(dict.fromkeys(w for w in re.findall(r"[A-Za-z]{5,}", item.question)))[:14]
+    terms = list(dict.fromkeys(w for w in re.findall(r"[A-Za-z]{5,}", item.question)))[:14] or ["findings"] * 3
     others = [v for k, v in opts.items() if k != letter]
     return {
         # formats and statements (round 1)
@@ -131,6 +131,13 @@ def hacks(case: Case, other: Case) -> dict[str, str]:
         "findings_with_empty_relations": "<think>\n" + "\n".join(f"The {t.lower()} suggests the diagnosis." for t in terms[:6])
                                          + f"\nTherefore the answer is clear: {gold}.\n</think>\n{answer}",
         "another_cases_reasoning": honest(other)["full"].rsplit("The answer is", 1)[0] + answer,
+        # From a review: the case's own words pinned into one filler sentence, options "less likely
+        # given" a finding, the answer "favoured": the shape of reasoning around nothing.
+        "case_words_in_filler": "<think>\n" + "\n".join(
+            [f"The {t.lower()} suggests a serious underlying condition." for t in terms[:5]]
+            + [f"{o} is less likely given the {terms[0].lower()} and this serious condition." for o in others[:2]]
+            + [f"The {terms[1].lower()} with the {terms[2].lower()} therefore favours {gold} as the underlying "
+               "condition."]) + f"\n</think>\n{answer}",
         "varied_empty_padding": "<think>\n" + "\n".join(_VARIED_EMPTY) + f"\n</think>\n{answer}",
         "honest_cut_padded": honest(case)["discriminating_conclusion"].split("</think>")[0]
                              + "\n".join(_VARIED_EMPTY * 2) + f"\n</think>\n{answer}",

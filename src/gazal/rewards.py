@@ -443,7 +443,7 @@ def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target
             # What the clause says beyond relation words: "the tearing pain suggests the diagnosis"
             # says "tearing", "pain".
             plain = _stems(_RELATION.sub(" ", unit))
-            said |= plain
+            earlier, said = said, said | plain
             letters = _LETTER_REF.findall(unit)
             named = [k for k, t in case.naming.items()
                      if stems & t or k in letters or (case.option_terms[k] and case.option_terms[k] <= stems)]
@@ -452,18 +452,22 @@ def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target
             grounded += bool(stems & case.terms) or bool(named)
             if _is_list(unit) or not (_RELATION.search(unit) or len(unit.split()) >= 5):
                 continue  # names things (a list, a heading), claims nothing
-            # What it brings beyond the case's and the options' own words: here, nothing.
+            # What it brings beyond the case's and the options' own words ("the tearing pain suggests
+            # the diagnosis": nothing), and what of that no earlier sentence said: a template that
+            # pins the same filler ("... suggests a serious underlying condition") to one finding
+            # after another interprets once.
             knowledge = plain - case.terms - case.every_option
-            if stems & case.specific and knowledge:
+            new = knowledge - earlier
+            if stems & case.specific and new:
                 interpreted += 1
                 used |= stems & case.specific
             # An option is weighed when a claim about it meets the case's findings (words beyond the
             # option's own, so a pasted option is not a claim; not a bare number, so "34, 50 and 41
             # are the candidates" is not either) or brings knowledge of its own ("myocarditis
-            # follows a viral prodrome").
+            # follows a viral prodrome"), and says something no earlier sentence did.
             own = frozenset().union(*(case.option_terms[k] for k in named)) if named else frozenset()
             findings_beyond = {t for t in (stems & case.specific) - own if not t[0].isdigit()}
-            if named and (findings_beyond or len(knowledge) >= 2):
+            if named and (findings_beyond or len(knowledge) >= 2) and (new or findings_beyond - earlier):
                 weighed.update(named)
         findings = min(1.0, len(used) / min(target_findings, len(case.specific)))
         interpretation = min(1.0, interpreted / target_interpreted)
