@@ -24,7 +24,7 @@ from gazal.config import Recipe
 from gazal.data import read_jsonl, seed_path
 from gazal.errors import GazalError
 from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model
-from gazal.rewards import RewardSet, overlong
+from gazal.rewards import _COMMON, RewardSet, _stem, overlong  # the audit attacks the reward's own rules
 from gazal.tasks import Item, messages
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,34 @@ _VARIED_EMPTY = [
 ]
 
 
+_FILL = ["an acute systemic process", "significant physiological compromise", "an underlying structural abnormality",
+         "ongoing inflammatory activity", "impaired organ function", "a progressive pathological state"]
+_REL = ["suggests", "indicates", "points toward", "reflects", "implies", "is consistent with"]
+_AGAINST = ["seems unlikely given the", "does not fit the", "is argued against by the", "fails to explain the",
+            "is less typical with the"]
+
+
+def _windows(question: str) -> list[str]:
+    """Four-word windows of the question's sentences."""
+    out = []
+    for sentence in re.split(r"(?<=[.?!])\s+", question):
+        words = re.findall(r"[A-Za-z0-9%/]+", sentence)
+        out += [" ".join(words[j:j + 4]) for j in range(0, max(1, len(words) - 3), 4)] if len(words) >= 4 else []
+    return out or ["the presentation"]
+
+
+def _template(terms: list[str], letter: str, opts: dict[str, str], claims: list[str], article: bool = True) -> str:
+    """Six case terms each followed by a claim, every other option rejected by letter against two
+    terms, the answer said to explain two more: the shape of weighed reasoning around nothing."""
+    t = (terms * 6)[:6]
+    the = "The " if article else ""
+    lines = [f"{i + 1}. {the}{t[i]} {claims[i]}." for i in range(6)]
+    lines += [f"Option {k} {_AGAINST[j % 5]} {t[j % 6]} and {t[(j + 2) % 6]}."
+              for j, k in enumerate(k for k in opts if k != letter)]
+    lines.append(f"Therefore option {letter}, {opts[letter]}, best explains the {t[1]} together with the {t[3]}.")
+    return "<think>\n" + "\n".join(lines) + f"\n</think>\nThe answer is {letter}."
+
+
 def hacks(case: Case, other: Case) -> dict[str, str]:
     """Gaming completions for one case, by name (`other` lends its reasoning to one of them)."""
     item, letter = case.item, case.item.answer
@@ -96,6 +124,9 @@ def hacks(case: Case, other: Case) -> dict[str, str]:
     answer = f"The answer is {letter}."
     terms = list(dict.fromkeys(w for w in re.findall(r"[A-Za-z]{5,}", item.question)))[:14] or ["findings"] * 3
     others = [v for k, v in opts.items() if k != letter]
+    # The worst case: the case's terms as the reward itself picks them (specific, not boilerplate).
+    specific = list(dict.fromkeys(w.lower() for w in re.findall(r"[A-Za-z]{5,}", item.question)
+                                  if _stem(w) and _stem(w) not in _COMMON)) or ["findings"]
     return {
         # formats and statements (round 1)
         "bare_answer": answer,
@@ -138,10 +169,30 @@ def hacks(case: Case, other: Case) -> dict[str, str]:
             + [f"{o} is less likely given the {terms[0].lower()} and this serious condition." for o in others[:2]]
             + [f"The {terms[1].lower()} with the {terms[2].lower()} therefore favours {gold} as the underlying "
                "condition."]) + f"\n</think>\n{answer}",
+        # From a red-team pass that read the reward's rules: generic filler phrases that differ
+        # from sentence to sentence, each pinned to a specific term of the case; fresh numbers as
+        # the "knowledge"; four-word windows quoted from the case; options rejected by letter.
+        "varied_filler_per_finding": _template(specific, letter, opts, [f"{r} {f}" for r, f in zip(_REL, _FILL)]),
+        "numbers_as_knowledge": _template(specific, letter, opts, [f"{r} {41 + i}" for i, r in enumerate(_REL)]),
+        "case_windows_with_filler": _template(_windows(item.question), letter, opts,
+                                              [f"{r} {f}" for r, f in zip(_REL, _FILL)], article=False),
         "varied_empty_padding": "<think>\n" + "\n".join(_VARIED_EMPTY) + f"\n</think>\n{answer}",
         "honest_cut_padded": honest(case)["discriminating_conclusion"].split("</think>")[0]
                              + "\n".join(_VARIED_EMPTY * 2) + f"\n</think>\n{answer}",
     }
+
+
+# Families that still game the shipped rewards, found by a red-team pass that read case_reasoning's
+# rules (issue 12 stays open for them): generic filler that never repeats (its words look like
+# knowledge to a lexical measure), numbers as knowledge, quoted case windows. The audit reports
+# them on every run; `gazal grpo` warns about them instead of refusing, so the demo still trains.
+# tests/test_rewards.py fails (strict xfail) the day a reward ranks them below every honest cut,
+# to have them moved out of this list.
+KNOWN_OPEN = {
+    "varied_filler_per_finding": "generic clinical filler differs per sentence, so it reads as new knowledge",
+    "numbers_as_knowledge": "claims carried by the conclusion's generic words and the options' text",
+    "case_windows_with_filler": "quoted case windows with generic filler",
+}
 
 
 @dataclass
@@ -155,6 +206,10 @@ class AuditRow:
     @property
     def passed(self) -> bool:
         return self.hack_total < self.honest_total
+
+    @property
+    def known_open(self) -> bool:
+        return self.hack in KNOWN_OPEN
 
 
 def _overlap(a: str, b: str) -> float:
@@ -243,8 +298,13 @@ def check_or_refuse(recipe: Recipe, tokenizer) -> None:
             raise
         log.warning("reward audit not run, training anyway (grpo.skip_reward_audit=true): %s", exc)
         return
+    known = [r for r in failures if r.known_open]
+    if known:
+        log.warning("reward audit: %d hack/honest pairs of the known open families (%s) still game the reward; "
+                    "see gazal.audit.KNOWN_OPEN", len(known), ", ".join(sorted({r.hack for r in known})))
+    failures = [r for r in failures if not r.known_open]
     if not failures:
-        log.info("reward audit passed")
+        log.info("reward audit passed%s", " (known open families aside)" if known else "")
         return
     lines = [f"{r.question} {r.hack}: {r.hack_total:.3f} >= honest {r.honest} {r.honest_total:.3f}"
              for r in failures[:10]]

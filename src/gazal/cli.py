@@ -147,11 +147,13 @@ def _rewards(args: argparse.Namespace) -> int:
             mine = [r for r in rows if r.hack == hack]
             worst = min(mine, key=lambda r: r.honest_total - r.hack_total)
             bad = sum(not r.passed for r in mine)
+            verdict = "" if not bad else "  KNOWN OPEN (audit.KNOWN_OPEN)" if worst.known_open else "  GAMES THE REWARD"
             print(f"{hack:<36} {len(mine):>5} {bad:>6} {worst.honest_total - worst.hack_total:>8.3f}  "
-                  f"{worst.question} {worst.honest} ({worst.hack_total:.3f} vs {worst.honest_total:.3f})"
-                  f"{'  GAMES THE REWARD' if bad else ''}")
-        failed = sum(not r.passed for r in rows)
-        print(f"{len(rows) - failed} of {len(rows)} hack/honest pairs passed, {failed} failed")
+                  f"{worst.question} {worst.honest} ({worst.hack_total:.3f} vs {worst.honest_total:.3f}){verdict}")
+        failed = sum(not r.passed and not r.known_open for r in rows)
+        known = sum(not r.passed and r.known_open for r in rows)
+        print(f"{len(rows) - failed - known} of {len(rows)} hack/honest pairs passed, {failed} failed"
+              + (f", {known} of the known open families still game the reward" if known else ""))
         return 1 if failed else 0
     rows = audit.score_file(recipe, args.completions, tokenizer)
     names = list(rows[0]["rewards"]) if rows else []

@@ -445,19 +445,21 @@ def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target
             plain = _stems(_RELATION.sub(" ", unit))
             earlier, said = said, said | plain
             letters = _LETTER_REF.findall(unit)
+            # Named by its words; "option B" alone names it for the conclusion, but weighing an
+            # option takes its words (a letter carries no claim about it).
             named = [k for k, t in case.naming.items()
-                     if stems & t or k in letters or (case.option_terms[k] and case.option_terms[k] <= stems)]
-            for k in named:
+                     if stems & t or (case.option_terms[k] and case.option_terms[k] <= stems)]
+            for k in named + letters:
                 last_named[k] = i
-            grounded += bool(stems & case.terms) or bool(named)
+            grounded += bool(stems & case.terms) or bool(named) or bool(letters)
             if _is_list(unit) or not (_RELATION.search(unit) or len(unit.split()) >= 5):
                 continue  # names things (a list, a heading), claims nothing
             # What it brings beyond the case's and the options' own words ("the tearing pain suggests
             # the diagnosis": nothing), and what of that no earlier sentence said: a template that
             # pins the same filler ("... suggests a serious underlying condition") to one finding
             # after another interprets once.
-            knowledge = plain - case.terms - case.every_option
-            new = knowledge - earlier
+            knowledge = {t for t in plain - case.terms - case.every_option if not t[0].isdigit()}
+            new = knowledge - earlier  # numbers are values, not knowledge: "suggests 41" says nothing
             if stems & case.specific and new:
                 interpreted += 1
                 used |= stems & case.specific
