@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gazal.answer import YES_NO_MAYBE, Extraction, extract_answer, is_correct
-from gazal.config import TaskSettings
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,17 @@ class Item:
         return asdict(self)
 
 
-def user_text(item: Item, task: TaskSettings) -> str:
+class TaskPrompts(Protocol):
+    """What a task needs of the recipe to put a question (config.TaskSettings is one). A protocol
+    rather than an import: config validates rewards, rewards score through tasks, so tasks must
+    not import config."""
+
+    system_prompt: str | None
+    mcq_instruction: str
+    yesno_instruction: str
+
+
+def user_text(item: Item, task: TaskPrompts) -> str:
     """The question as the user turn: context, question, lettered options, instruction."""
     parts = []
     if item.context:
@@ -48,7 +57,7 @@ def user_text(item: Item, task: TaskSettings) -> str:
     return "\n\n".join(parts)
 
 
-def messages(item: Item, task: TaskSettings) -> list[dict[str, str]]:
+def messages(item: Item, task: TaskPrompts) -> list[dict[str, str]]:
     """Chat messages for one item (system prompt only when the recipe sets one)."""
     msgs = []
     if task.system_prompt:
