@@ -19,7 +19,8 @@ def _eval_cmd(run_dir, benchmarks_dir):
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, benchmarks_dir):
     killed = tmp_path / "killed"
-    samples = killed / "eval" / "medqa" / "samples.jsonl"
+    # Rows land in the process's part file as each batch completes; samples.jsonl is the merge.
+    samples = killed / "eval" / "medqa" / "parts" / "0.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "gazal", *_eval_cmd(killed, benchmarks_dir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.time() + 600  # generous: a loaded machine starts the subprocess slowly
@@ -40,6 +41,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, benchmarks_dir):
     a = json.loads((killed / "eval" / "results.json").read_text())["benchmarks"]
     b = json.loads((fresh / "eval" / "results.json").read_text())["benchmarks"]
     assert a == b
+    assert not list((killed / "eval" / "medqa" / "parts").glob("*.jsonl"))  # merged, then removed
     for name in ("medqa", "pubmedqa"):
         rows_a = {r["id"]: r for r in map(json.loads, (killed / "eval" / name / "samples.jsonl").read_text().splitlines())}
         rows_b = {r["id"]: r for r in map(json.loads, (fresh / "eval" / name / "samples.jsonl").read_text().splitlines())}

@@ -63,5 +63,16 @@ def test_metrics_mean_over_samples_and_per_category():
             {"id": "b", "correct": True, "status": "ok", "category": "y", "completion_tokens": 40, "truncated": False}]
     m = metrics(rows)
     assert m["n"] == 2 and m["samples_per_item"] == 2 and m["accuracy"] == 0.75
-    assert m["per_category"] == {"x": {"n": 1, "accuracy": 0.5}, "y": {"n": 1, "accuracy": 1.0}}
+    assert m["per_category"] == {"x": {"n": 1, "accuracy": 0.5, "ci95": [0.5, 0.5]},
+                                 "y": {"n": 1, "accuracy": 1.0, "ci95": [1.0, 1.0]}}
     assert m["status_rates"]["hedge"] == 0.25 and m["truncation_rate"] == 0.25 and m["mean_completion_tokens"] == 25
+
+
+def test_per_category_wilson_interval_by_hand():
+    rows = [{"id": str(i), "correct": i < 3, "status": "ok", "category": "x"} for i in range(4)]
+    rows += [{"id": "y0", "correct": False, "status": "ok", "category": "y"}]
+    cat = metrics(rows)["per_category"]
+    # Wilson, p = 3/4, n = 4, z = 1.96: centre (0.75 + z^2/8) / (1 + z^2/4), half-width
+    # z sqrt(0.75 * 0.25 / 4 + z^2 / 64) / (1 + z^2/4).
+    assert cat["x"]["ci95"] == pytest.approx([0.3006, 0.9544], abs=1e-4)
+    assert cat["y"]["ci95"][0] == 0.0 and cat["y"]["ci95"][1] == pytest.approx(0.7935, abs=1e-4)

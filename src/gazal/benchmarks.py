@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 
 from gazal.answer import YES_NO_MAYBE
@@ -98,9 +99,46 @@ def _hub_rows(name: str) -> list[dict]:
     return rows
 
 
+def _largest_remainder(sizes: dict, total: int) -> dict:
+    """`total` split over groups in proportion to `sizes`, each share within one of its exact quota
+    (Hamilton's method: floors first, then the largest remainders; ties broken by group order)."""
+    whole = sum(sizes.values())
+    quota = {k: total * v / whole for k, v in sizes.items()}
+    out = {k: int(q) for k, q in quota.items()}
+    for k in sorted(quota, key=lambda k: out[k] - quota[k])[: total - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def select(items: list[Item], limit: int | None, strategy: str = "stratified", seed: int = 0) -> list[Item]:
+    """`limit` items of a benchmark, in file order: the first ones, or a seeded sample stratified by
+    gold label and then by category.
+
+    The label split is exact to within one item of the full set's proportions (labels first, then
+    categories within each label), so a limited PubMedQA run keeps its yes/no/maybe mix and a limited
+    MedQA run its answer-letter mix. The same seed gives the same items whatever else changes."""
+    if not limit or limit >= len(items):
+        return list(items)
+    if strategy == "first":
+        return items[:limit]
+    by_label: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_label.setdefault(it.answer, []).append(i)
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    for label, n in _largest_remainder({k: len(v) for k, v in sorted(by_label.items())}, limit).items():
+        by_cat: dict[str, list[int]] = {}
+        for i in by_label[label]:
+            by_cat.setdefault(items[i].category or "", []).append(i)
+        for cat, m in _largest_remainder({k: len(v) for k, v in sorted(by_cat.items())}, n).items():
+            chosen += rng.sample(by_cat[cat], m)
+    return [items[i] for i in sorted(chosen)]
+
+
 def load_benchmark(name: str, directory: Path | None, categories: list[str] | None = None,
                    limit: int | None = None) -> list[Item]:
-    """All items of a benchmark (MMLU-Pro filtered to `categories`), checked against official sizes."""
+    """All items of a benchmark (MMLU-Pro filtered to `categories`), checked against official sizes;
+    with `limit`, the first `limit` of them (see `select` for a stratified sample)."""
     categories = categories or ["health"]
     if directory is not None:
         path = directory / LOCAL_FILES[name]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gazal.errors import GazalError
 
@@ -348,6 +348,16 @@ class GRPOSettings(_Section):
 BenchmarkName = Literal["medqa", "mmlu_pro", "pubmedqa", "medmcqa"]
 
 
+# Sampling presets for thinking models, as their makers advise (Qwen3 model card, "Best Practices":
+# thinking mode temperature 0.6, top-p 0.95, top-k 20, min-p 0; greedy decoding is advised against
+# there because it can loop). A preset fills only the decoding keys the recipe leaves unset.
+DECODING_PRESETS: dict[str, dict[str, Any]] = {
+    "greedy": {"temperature": 0.0, "top_p": 1.0, "top_k": None, "min_p": None},
+    "qwen3-thinking": {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0},
+    "qwen3-non-thinking": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0},
+}
+
+
 class EvalSettings(_Section):
     """Evaluation on the medical benchmarks."""
 
@@ -356,25 +366,65 @@ class EvalSettings(_Section):
     benchmarks: list[BenchmarkName] = Field(default_factory=lambda: ["medqa", "mmlu_pro", "pubmedqa"])
     """Benchmarks to evaluate."""
     limit: int | None = Field(None, gt=0)
-    """Evaluate only the first N items of each benchmark (None: all)."""
+    """Evaluate only N items of each benchmark (None: all); which N is `limit_strategy`."""
+    limit_strategy: Literal["stratified", "first"] = "stratified"
+    """How `limit` picks items: 'stratified', a seeded random sample in proportion to each (gold label,
+    category) stratum (the first 50 PubMedQA items are all 'yes': a first-N run measures a bias);
+    'first', the first N in file order."""
+    limit_seed: int | None = None
+    """Seed of the stratified sample (None: the recipe's seed). The chosen ids go into results.json."""
     benchmarks_dir: str | None = None
     """Directory of local benchmark JSONL files; None: $GAZAL_BENCHMARKS_DIR, else the hub."""
     mmlu_pro_categories: list[str] = Field(default_factory=lambda: ["health"])
     """MMLU-Pro categories that make up 'MMLU-Pro medical'."""
+    modes: list[Literal["reasoning", "direct"]] = Field(default_factory=lambda: ["reasoning"], min_length=1)
+    """'reasoning': the task's prompt (think, then answer). 'direct': the same question with
+    `direct_instruction` instead (answer at once, `direct_max_new_tokens`), greedy: what the model
+    recalls without reasoning. With both, the report shows recall against reasoning item by item."""
+    direct_instruction: str = ("Do not explain or think step by step. Reply with only one line: 'The answer is' "
+                               "followed by the {what}.")
+    """Instruction of the direct mode; {what} becomes 'option letter' or 'yes, no or maybe'."""
+    direct_max_new_tokens: int = Field(16, gt=0)
+    """Token budget of a direct answer."""
     max_new_tokens: int = Field(512, gt=0)
     """Longest generation per item."""
     batch_size: int = Field(8, gt=0)
-    """Items generated together."""
+    """Items generated together (items are sorted by prompt length first, so a batch pads little)."""
+    preset: Literal["greedy", "qwen3-thinking", "qwen3-non-thinking"] | None = None
+    """Decoding preset (see DECODING_PRESETS); it sets temperature, top_p, top_k and min_p where the
+    recipe does not set them itself."""
     temperature: float = Field(0.0, ge=0)
     """0 is greedy decoding."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling when temperature > 0."""
+    top_k: int | None = Field(None, gt=0)
+    """Sample only among the k likeliest tokens (None: no limit)."""
+    min_p: float | None = Field(None, ge=0, le=1)
+    """Drop tokens less likely than min_p x the likeliest (None or 0: off)."""
     num_samples: int = Field(1, gt=0)
-    """Completions per item; accuracy is their mean. More than 1 needs temperature > 0."""
+    """Completions per item; accuracy is their mean, with an interval over items. More than 1 needs
+    temperature > 0."""
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments of the chat template, for both backends (Qwen3: {enable_thinking: true})."""
     backend: Literal["transformers", "vllm"] = "transformers"
     """Generation engine: transformers (CPU or GPU) or vLLM (GPU, `pip install gazal[gpu]`)."""
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """Fraction of GPU memory vLLM may take."""
+    vllm_tensor_parallel_size: int = Field(1, gt=0)
+    """GPUs one vLLM engine shards the model over."""
+    vllm_data_parallel_size: int = Field(1, gt=0)
+    """vLLM engines (replicas) that evaluate shares of the items at once, each on its own
+    `vllm_tensor_parallel_size` GPUs; `gazal eval` starts them as subprocesses."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Longest prompt + completion vLLM plans its KV cache for (None: the model's own limit)."""
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> EvalSettings:
+        if self.preset:
+            for key, value in DECODING_PRESETS[self.preset].items():
+                if key not in self.model_fields_set:
+                    object.__setattr__(self, key, value)
+        return self
 
 
 class SynthSettings(_Section):

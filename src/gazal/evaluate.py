@@ -1,51 +1,119 @@
 """Evaluation: generate answers to benchmark questions, score them with the shared extractor.
 
-Items are cut into fixed batches (by position in the benchmark), and each batch's rows are
-appended to eval/<benchmark>/samples.jsonl as soon as it completes. A rerun skips finished
-batches and regenerates unfinished ones whole, so a killed evaluation loses at most the batch in
-flight and greedy results equal an uninterrupted run's (same batches, same padding).
+Items are sorted by prompt length and cut into fixed batches, so a batch pads little and its
+contents depend only on the benchmark, the limit and the batch size. Under `accelerate launch` /
+torchrun (or with vLLM replicas, `eval.vllm_data_parallel_size`) process r of w generates the
+batches whose index is r modulo w, appending rows to eval/<benchmark>/parts/<r>.jsonl as each
+batch completes; the main process waits for every item and merges the parts into samples.jsonl
+in item order. A rerun, with any number of processes, skips finished batches and regenerates
+unfinished ones whole, with the same per-batch sampling seed, so a killed evaluation loses at most
+the batches in flight and its results equal an uninterrupted single-process run's.
+
+Modes: 'reasoning' asks the task's question (think, then answer) and writes
+eval/<benchmark>/samples.jsonl; 'direct' asks for the answer at once and writes
+eval/<benchmark>/direct/samples.jsonl. With both, `recall_vs_reasoning` pairs them item by item.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
 from tqdm.auto import tqdm
 
 from gazal import rundir
-from gazal.benchmarks import PAPER, BenchmarkUnavailable, benchmarks_dir, describe, load_benchmark
-from gazal.config import Recipe
-from gazal.generation import make_generator
+from gazal.benchmarks import PAPER, BenchmarkUnavailable, benchmarks_dir, describe, load_benchmark, select
+from gazal.config import Recipe, load_recipe
+from gazal.errors import GazalError
+from gazal.generation import Decoding, make_generator
 from gazal.scoring import metrics
-from gazal.tasks import Item, messages, score
+from gazal.tasks import DirectPrompts, Item, messages, score
 
 log = logging.getLogger(__name__)
 
+SHARD_ENV = "GAZAL_EVAL_SHARD"  # "r/w": set for the vLLM replicas `gazal eval` starts
 
-def evaluate_items(name: str, items: list[Item], generator, recipe: Recipe, folder: Path) -> dict:
-    """Generate and score every unfinished batch into folder/samples.jsonl, then compute metrics."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "samples.jsonl"
-    n = recipe.eval.num_samples
-    counts: dict[str, int] = {}
-    for row in rundir.finished_rows(path):
-        counts[row["id"]] = counts.get(row["id"], 0) + 1
+
+def shard() -> tuple[int, int]:
+    """This process's (rank, processes) for evaluation: a vLLM replica's, else the launcher's."""
+    if os.environ.get(SHARD_ENV):
+        r, w = os.environ[SHARD_ENV].split("/")
+        return int(r), int(w)
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def batches(items: list[Item], recipe: Recipe, mode: str) -> list[list[Item]]:
+    """Fixed batches: items ordered by prompt length (characters, so the order does not depend on
+    the model), ties by position, then cut every `eval.batch_size`."""
+    task = _task(recipe, mode)
+    order = sorted(range(len(items)), key=lambda i: (sum(len(m["content"]) for m in messages(items[i], task)), i))
     size = recipe.eval.batch_size
-    batches = [items[i:i + size] for i in range(0, len(items), size)]
-    todo = [b for b in batches if any(counts.get(it.id, 0) < n for it in b)]
-    if len(todo) < len(batches):
-        log.info("%s: resuming, %d of %d batches already scored", name, len(batches) - len(todo), len(batches))
-    with path.open("a", encoding="utf-8") as fh, tqdm(total=len(items), desc=name, unit="item",
-                                                     initial=len(items) - sum(len(b) for b in todo)) as bar:
-        for batch in todo:
-            outputs = generator.generate([messages(it, recipe.task) for it in batch], n)
+    return [[items[i] for i in order[j:j + size]] for j in range(0, len(order), size)]
+
+
+def _task(recipe: Recipe, mode: str):
+    return DirectPrompts.of(recipe.task, recipe.eval.direct_instruction) if mode == "direct" else recipe.task
+
+
+def _folder(out: Path, name: str, mode: str) -> Path:
+    return out / name if mode == "reasoning" else out / name / mode
+
+
+def _read(path: Path) -> list[dict]:
+    """Whole lines of a file another process may be appending to (read only: never truncated here)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def _rows(folder: Path) -> dict[tuple[str, int], dict]:
+    """Every finished (item, sample) row of a benchmark folder: merged file first, then the parts;
+    the first copy of a row wins (a batch regenerated after a kill may repeat rows)."""
+    found: dict[tuple[str, int], dict] = {}
+    for path in [folder / "samples.jsonl", *sorted((folder / "parts").glob("*.jsonl"))]:
+        for row in _read(path):
+            found.setdefault((row["id"], row.get("sample", 0)), row)
+    return found
+
+
+def evaluate_share(name: str, items: list[Item], generator, recipe: Recipe, folder: Path, mode: str,
+                   rank: int = 0, world: int = 1) -> None:
+    """Generate and score this process's unfinished batches into folder/parts/<rank>.jsonl."""
+    decoding = Decoding.of(recipe.eval, mode)
+    task = _task(recipe, mode)
+    parts = folder / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    own = parts / f"{rank}.jsonl"
+    rundir.finished_rows(own)  # cut a line a kill tore (only this process writes this file)
+    done = _rows(folder)
+    mine = [(b, batch) for b, batch in enumerate(batches(items, recipe, mode)) if b % world == rank]
+    todo = [(b, batch) for b, batch in mine if any((it.id, k) not in done for it in batch for k in range(decoding.n))]
+    if len(todo) < len(mine):
+        log.info("%s (%s): resuming, %d of %d batches already scored", name, mode, len(mine) - len(todo), len(mine))
+    total = sum(len(batch) for _, batch in mine)
+    with own.open("a", encoding="utf-8") as fh, tqdm(total=total, desc=f"{name} ({mode})", unit="item",
+                                                    initial=total - sum(len(b) for _, b in todo)) as bar:
+        for b, batch in todo:
+            # One seed per fixed batch: the same samples whichever process draws it, resumed or not.
+            outputs = generator.generate([messages(it, task) for it in batch], decoding, seed=recipe.seed + b)
             for it, completions in zip(batch, outputs):
-                if counts.get(it.id, 0) >= n:
-                    continue  # finished before a kill cut its batch short
                 for k, c in enumerate(completions):
+                    if (it.id, k) in done:
+                        continue  # finished before a kill cut its batch short
                     extraction, correct = score(c.text, it.answer, it.labels, it.options)
                     fh.write(json.dumps({
                         "id": it.id, "sample": k, "category": it.category, "answer": it.answer,
@@ -53,8 +121,46 @@ def evaluate_items(name: str, items: list[Item], generator, recipe: Recipe, fold
                         "completion_tokens": c.tokens, "truncated": c.truncated, "completion": c.text}) + "\n")
             fh.flush()
             bar.update(len(batch))
-    wanted = {it.id for it in items}
-    return metrics([r for r in rundir.finished_rows(path) if r["id"] in wanted])
+
+
+def missing(items: list[Item], folder: Path, n: int) -> int:
+    """(item, sample) rows not yet written by any process."""
+    done = _rows(folder)
+    return sum((it.id, k) not in done for it in items for k in range(n))
+
+
+def merge(items: list[Item], folder: Path, n: int) -> list[dict]:
+    """Write folder/samples.jsonl from every process's rows, in item and sample order, and drop the parts."""
+    done = _rows(folder)
+    rows = [done[(it.id, k)] for it in items for k in range(n) if (it.id, k) in done]
+    rundir.write_text(folder / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    for part in (folder / "parts").glob("*.jsonl"):
+        part.unlink()
+    return rows
+
+
+def recall_vs_reasoning(reasoning: list[dict], direct: list[dict], max_new_tokens: int) -> dict:
+    """Direct answers against reasoned ones, item by item (each reasoning sample against the item's
+    direct answer): how often reasoning turned a right recall wrong and the reverse, and reasoning
+    accuracy by completion length."""
+    direct_right = {r["id"]: bool(r["correct"]) for r in direct}
+    pairs = [(direct_right[r["id"]], bool(r["correct"])) for r in reasoning if r["id"] in direct_right]
+    n = len(pairs) or 1
+    table = {"both_right": sum(d and x for d, x in pairs), "both_wrong": sum(not d and not x for d, x in pairs),
+             "reasoning_fixed": sum(not d and x for d, x in pairs), "reasoning_broke": sum(d and not x for d, x in pairs)}
+    edges = [max_new_tokens // 8, max_new_tokens // 4, max_new_tokens // 2, max_new_tokens]
+    buckets = []
+    low = 0
+    for high in edges:
+        rows = [r for r in reasoning if low < r.get("completion_tokens", 0) <= high and not r.get("truncated")]
+        buckets.append({"tokens": f"{low + 1}-{high}", "n": len(rows),
+                        "accuracy": sum(bool(r["correct"]) for r in rows) / len(rows) if rows else None})
+        low = high
+    cut = [r for r in reasoning if r.get("truncated")]
+    buckets.append({"tokens": "truncated", "n": len(cut),
+                    "accuracy": sum(bool(r["correct"]) for r in cut) / len(cut) if cut else None})
+    return {"pairs": len(pairs), **table, **{f"{k}_rate": v / n for k, v in table.items()},
+            "by_length": buckets}
 
 
 def _resumable(run_dir: Path, recipe: Recipe, model_path: str) -> tuple[str, ...]:
@@ -64,43 +170,143 @@ def _resumable(run_dir: Path, recipe: Recipe, model_path: str) -> tuple[str, ...
         return ()
     previous = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8"))
     same = ((folder / "model.txt").read_text().strip() == model_path
+            and previous.get("seed") == recipe.seed
             and previous.get("eval") == recipe.eval.model_dump(mode="json")
             and previous.get("task") == recipe.task.model_dump(mode="json"))
     return tuple(recipe.eval.benchmarks) if same else ()
 
 
+def _items(recipe: Recipe) -> dict[str, list[Item] | str]:
+    """Each benchmark's items (the limited selection), or why it is unavailable."""
+    cfg = recipe.eval
+    directory = benchmarks_dir(cfg.benchmarks_dir)
+    seed = recipe.seed if cfg.limit_seed is None else cfg.limit_seed
+    out: dict[str, list[Item] | str] = {}
+    for name in cfg.benchmarks:
+        try:
+            out[name] = select(load_benchmark(name, directory, cfg.mmlu_pro_categories), cfg.limit,
+                               cfg.limit_strategy, seed)
+        except BenchmarkUnavailable as exc:
+            out[name] = str(exc)
+    return out
+
+
+def _wait(run_dir: Path) -> None:
+    """Hold the other processes until the main one has prepared the stage folder."""
+    if rundir.distributed() and not os.environ.get(SHARD_ENV):
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def _replicas(recipe: Recipe, run_dir: Path) -> None:
+    """Start the vLLM replicas, each on its own `vllm_tensor_parallel_size` GPUs, and wait for them."""
+    cfg = recipe.eval
+    tp, dp = cfg.vllm_tensor_parallel_size, cfg.vllm_data_parallel_size
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(tp * dp)]
+    if len(gpus) < tp * dp:
+        raise GazalError(f"eval.vllm_data_parallel_size={dp} x eval.vllm_tensor_parallel_size={tp} needs {tp * dp} "
+                         f"GPUs; CUDA_VISIBLE_DEVICES has {len(gpus)}")
+    procs = []
+    for r in range(dp):
+        env = {**os.environ, SHARD_ENV: f"{r}/{dp}", "CUDA_VISIBLE_DEVICES": ",".join(gpus[r * tp:(r + 1) * tp])}
+        procs.append(subprocess.Popen([sys.executable, "-m", "gazal.evaluate", str(run_dir)], env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise GazalError(f"evaluation replicas exited with {codes}; rerun to resume (finished batches are kept)")
+
+
+def generate_shares(recipe: Recipe, run_dir: Path, items: dict[str, list[Item] | str], rank: int, world: int) -> None:
+    """This process's share of every benchmark and mode, with one model load."""
+    generator = None
+    model_path = (run_dir / "eval" / "model.txt").read_text().strip()
+    for name, chosen in items.items():
+        if isinstance(chosen, str):
+            continue
+        for mode in recipe.eval.modes:
+            if generator is None:
+                generator = make_generator(model_path, recipe)
+            evaluate_share(name, chosen, generator, recipe, _folder(run_dir / "eval", name, mode), mode, rank, world)
+
+
 def main(recipe: Recipe, run_dir: Path) -> dict:
-    """Evaluate the newest model of the run on the recipe's benchmarks; write eval/results.json."""
+    """Evaluate the newest model of the run on the recipe's benchmarks; write eval/results.json.
+
+    Every process evaluates its share; only the main process merges and writes results."""
+    cfg = recipe.eval
     model_path = rundir.model_for(run_dir, "eval", recipe)
     out = rundir.start_stage(run_dir, "eval", recipe, keep=_resumable(run_dir, recipe, model_path))
-    (out / "model.txt").write_text(model_path + "\n")
-    directory = benchmarks_dir(recipe.eval.benchmarks_dir)
-    generator = None
-    cfg = recipe.eval
+    if rundir.is_main_process():
+        (out / "model.txt").write_text(model_path + "\n")
+    _wait(run_dir)
+    rank, world = shard()
+    items = _items(recipe)
+    for name, chosen in items.items():
+        if isinstance(chosen, str):
+            log.warning("skipping %s: %s", name, chosen)
+    if cfg.backend == "vllm" and cfg.vllm_data_parallel_size > 1:
+        _replicas(recipe, run_dir)
+    else:
+        generate_shares(recipe, run_dir, items, rank, world)
+    if not rundir.is_main_process():
+        return {}
+    seed = recipe.seed if cfg.limit_seed is None else cfg.limit_seed
     results: dict = {
         "model": model_path,
         "backend": cfg.backend,
+        "processes": cfg.vllm_data_parallel_size if cfg.backend == "vllm" else world,
         "prompt": {"system": recipe.task.system_prompt, "mcq_instruction": recipe.task.mcq_instruction,
-                   "yesno_instruction": recipe.task.yesno_instruction},
-        "decoding": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                     "num_samples": cfg.num_samples},
+                   "yesno_instruction": recipe.task.yesno_instruction, "direct_instruction": cfg.direct_instruction},
+        "decoding": {"preset": cfg.preset, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                     "top_p": cfg.top_p, "top_k": cfg.top_k, "min_p": cfg.min_p, "num_samples": cfg.num_samples,
+                     "chat_template_kwargs": cfg.chat_template_kwargs},
+        "modes": list(cfg.modes),
         "benchmarks": {},
     }
-    for name in cfg.benchmarks:
+    for name, chosen in items.items():
         entry = {"definition": describe(name, cfg.mmlu_pro_categories),
                  "paper_accuracy": PAPER[name] / 100 if name in PAPER else None, "limit": cfg.limit}
-        try:
-            items = load_benchmark(name, directory, cfg.mmlu_pro_categories, cfg.limit)
-        except BenchmarkUnavailable as exc:
-            log.warning("skipping %s: %s", name, exc)
-            results["benchmarks"][name] = {**entry, "skipped": str(exc)}
+        if isinstance(chosen, str):
+            results["benchmarks"][name] = {**entry, "skipped": chosen}
             continue
-        if generator is None:  # loaded once, and only when something can be evaluated
-            generator = make_generator(model_path, recipe)
-        entry.update(evaluate_items(name, items, generator, recipe, out / name))
+        if cfg.limit:
+            entry["selection"] = {"strategy": cfg.limit_strategy, "seed": seed if cfg.limit_strategy == "stratified"
+                                  else None, "ids": [it.id for it in chosen]}
+        merged = {}
+        for mode in cfg.modes:
+            folder = _folder(out, name, mode)
+            n = Decoding.of(cfg, mode).n
+            # The other processes finish their shares in their own time: wait for their rows.
+            waited = time.monotonic()
+            while (left := missing(chosen, folder, n)):
+                if time.monotonic() - waited > 30:
+                    log.info("%s (%s): waiting for %d rows from the other processes", name, mode, left)
+                    waited = time.monotonic()
+                time.sleep(1)
+            merged[mode] = merge(chosen, folder, n)
+        reasoning = "reasoning" if "reasoning" in merged else cfg.modes[0]
+        entry.update(metrics(merged[reasoning]))
+        entry["mode"] = reasoning
+        if "direct" in merged and reasoning != "direct":
+            entry["direct"] = metrics(merged["direct"])
+            entry["recall_vs_reasoning"] = recall_vs_reasoning(merged[reasoning], merged["direct"], cfg.max_new_tokens)
         results["benchmarks"][name] = entry
         log.info("%s: accuracy %.3f (n=%d)", name, entry["accuracy"], entry["n"])
     results.update(rundir.peak_memory())
     rundir.write_json(out / "results.json", results)
     rundir.finish_stage(run_dir, "eval")
     return results
+
+
+def _replica_main(run_dir: str) -> None:
+    """Entry point of one vLLM replica (`python -m gazal.evaluate RUN_DIR`, started by `_replicas`)."""
+    logging.basicConfig(level=os.environ.get("GAZAL_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    recipe = load_recipe(str(Path(run_dir) / "eval" / "recipe.yaml"))
+    rank, world = shard()
+    generate_shares(recipe, Path(run_dir), _items(recipe), rank, world)
+
+
+if __name__ == "__main__":
+    _replica_main(sys.argv[1])

@@ -8,14 +8,17 @@ backend ever generates through an unmerged adapter.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from gazal.config import Recipe
+from gazal.config import EvalSettings, Recipe
 from gazal.errors import GazalError
 from gazal.models import load_model, load_tokenizer
 from gazal.sharding import unsharded_loading
+from gazal.tasks import decode_completion
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,25 @@ class Completion:
     text: str
     tokens: int
     truncated: bool
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How one call generates: token budget, sampling (temperature 0: greedy), samples per prompt."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int = 1
+
+    @classmethod
+    def of(cls, cfg: EvalSettings, mode: str) -> Decoding:
+        """The recipe's decoding for a mode: 'reasoning' as configured, 'direct' greedy and short."""
+        if mode == "direct":
+            return cls(cfg.direct_max_new_tokens)
+        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.num_samples)
 
 
 class TransformersGenerator:
@@ -39,24 +61,35 @@ class TransformersGenerator:
         with unsharded_loading():
             self.model = load_model(model_path, dtype, trust_remote_code=recipe.model.trust_remote_code)
         if torch.cuda.is_available():
-            self.model.to("cuda")
+            # Under data-parallel evaluation each process takes its own GPU.
+            self.model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         self.model.eval()
         self.cfg = recipe.eval
+        self.chat_template_kwargs = dict(recipe.eval.chat_template_kwargs)
         self.stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None}
 
     @torch.inference_mode()
-    def generate(self, conversations: list[list[dict[str, str]]], n: int = 1) -> list[list[Completion]]:
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    def generate(self, conversations: list[list[dict[str, str]]], decoding: Decoding | None = None,
+                 seed: int = 0) -> list[list[Completion]]:
+        """`decoding`'s completions per conversation (None: the recipe's reasoning-mode decoding)."""
+        decoding = decoding or Decoding.of(self.cfg, "reasoning")
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False,
+                                                      **self.chat_template_kwargs) for c in conversations]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-        sampling = self.cfg.temperature > 0
+        sampling = decoding.temperature > 0
+        # Seeded per call (evaluation passes one seed per fixed batch), so a resumed or data-parallel
+        # run samples what an uninterrupted single-process run samples.
+        torch.manual_seed(seed)
         out = self.model.generate(
             **enc,
-            max_new_tokens=self.cfg.max_new_tokens,
+            max_new_tokens=decoding.max_new_tokens,
             do_sample=sampling,
-            temperature=self.cfg.temperature if sampling else None,
-            top_p=self.cfg.top_p if sampling else None,
-            top_k=None,
-            num_return_sequences=n,
+            temperature=decoding.temperature if sampling else None,
+            top_p=decoding.top_p if sampling else None,
+            # 0 switches top-k off (the model's generation config would otherwise bring its own, often 50).
+            top_k=(decoding.top_k or 0) if sampling else None,
+            min_p=(decoding.min_p or None) if sampling else None,
+            num_return_sequences=decoding.n,
             pad_token_id=self.tokenizer.pad_token_id,
             # This process generates alone on a whole model; transformers would otherwise sync every
             # step with other ranks when a ZeRO-3 config is active.
@@ -66,9 +99,21 @@ class TransformersGenerator:
         for row in out[:, enc["input_ids"].shape[1]:].tolist():
             end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
             ids = row if end is None else row[:end]
-            # Special tokens such as <think> are kept: some tokenizers mark them special.
-            flat.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=False), len(ids), end is None))
+            flat.append(Completion(decode_completion(self.tokenizer, ids), len(ids), end is None))
+        n = decoding.n
         return [flat[i * n:(i + 1) * n] for i in range(len(conversations))]
+
+
+def vllm_engine_kwargs(recipe: Recipe, model_path: str) -> dict[str, Any]:
+    """Keyword arguments of vLLM's `LLM(...)` for the recipe."""
+    cfg = recipe.eval
+    kwargs = {"model": model_path, "dtype": recipe.model.dtype, "seed": recipe.seed,
+              "gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
+              "tensor_parallel_size": cfg.vllm_tensor_parallel_size,
+              "trust_remote_code": recipe.model.trust_remote_code}
+    if cfg.max_model_len:
+        kwargs["max_model_len"] = cfg.max_model_len
+    return kwargs
 
 
 class VLLMGenerator:
@@ -82,17 +127,26 @@ class VLLMGenerator:
         if not torch.cuda.is_available():
             raise GazalError("eval.backend: 'vllm' needs a CUDA GPU; use 'transformers' on CPU")
         self.cfg = recipe.eval
-        self.llm = LLM(model=model_path, dtype=recipe.model.dtype, seed=recipe.seed,
-                       gpu_memory_utilization=recipe.eval.vllm_gpu_memory_utilization,
-                       trust_remote_code=recipe.model.trust_remote_code)
+        self.chat_template_kwargs = dict(recipe.eval.chat_template_kwargs)
+        self.llm = LLM(**vllm_engine_kwargs(recipe, model_path))
+        self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, conversations: list[list[dict[str, str]]], n: int = 1) -> list[list[Completion]]:
+    def generate(self, conversations: list[list[dict[str, str]]], decoding: Decoding | None = None,
+                 seed: int = 0) -> list[list[Completion]]:
+        """`decoding`'s completions per conversation (None: the recipe's reasoning-mode decoding)."""
+        decoding = decoding or Decoding.of(self.cfg, "reasoning")
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p if self.cfg.temperature > 0 else 1.0,
-                                max_tokens=self.cfg.max_new_tokens)
-        outputs = self.llm.chat(conversations, params, use_tqdm=False)
-        return [[Completion(o.text, len(o.token_ids), o.finish_reason == "length") for o in req.outputs] for req in outputs]
+        extra = {k: v for k, v in (("top_k", decoding.top_k), ("min_p", decoding.min_p)) if v}
+        params = SamplingParams(n=decoding.n, temperature=decoding.temperature,
+                                top_p=decoding.top_p if decoding.temperature > 0 else 1.0,
+                                max_tokens=decoding.max_new_tokens, seed=seed, **extra)
+        outputs = self.llm.chat(conversations, params, use_tqdm=False,
+                                chat_template_kwargs=self.chat_template_kwargs or None)
+        eos = self.tokenizer.eos_token_id
+        return [[Completion(decode_completion(self.tokenizer, o.token_ids),
+                            len([t for t in o.token_ids if t != eos]), o.finish_reason == "length")
+                 for o in req.outputs] for req in outputs]
 
 
 def make_generator(model_path: str, recipe: Recipe) -> TransformersGenerator | VLLMGenerator:

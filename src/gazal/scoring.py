@@ -29,6 +29,17 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def interval(item_acc: list[float], single: bool) -> tuple[float, float]:
+    """95% interval of a mean accuracy over items: Wilson with one sample per item (each item 0 or
+    1), else the normal approximation over per-item means."""
+    n = len(item_acc)
+    if single:
+        return wilson_interval(round(sum(item_acc)), n)
+    centre = mean(item_acc) if n else 0.0
+    half = 1.96 * stdev(item_acc) / math.sqrt(n) if n > 1 else 0.0
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def metrics(rows: list[dict]) -> dict:
     """Accuracy with a 95% CI, per category, extractor status rates, lengths and truncation.
 
@@ -43,11 +54,7 @@ def metrics(rows: list[dict]) -> dict:
     n = len(per_item)
     item_acc = [sum(v) / len(v) for v in per_item.values()]
     accuracy = mean(item_acc) if n else 0.0
-    if all(len(v) == 1 for v in per_item.values()):
-        ci = wilson_interval(sum(v[0] for v in per_item.values()), n)
-    else:
-        half = 1.96 * stdev(item_acc) / math.sqrt(n) if n > 1 else 0.0
-        ci = (max(0.0, accuracy - half), min(1.0, accuracy + half))
+    single = all(len(v) == 1 for v in per_item.values())
     by_cat: dict[str, list[float]] = defaultdict(list)
     for item_id, acc in zip(per_item, item_acc):
         if category[item_id]:
@@ -59,8 +66,9 @@ def metrics(rows: list[dict]) -> dict:
         "samples_per_item": (len(rows) / n) if n else 0,
         "correct": sum(bool(r["correct"]) for r in rows),
         "accuracy": accuracy,
-        "ci95": list(ci),
-        "per_category": {c: {"n": len(v), "accuracy": mean(v)} for c, v in sorted(by_cat.items())},
+        "ci95": list(interval(item_acc, single)),
+        "per_category": {c: {"n": len(v), "accuracy": mean(v), "ci95": list(interval(v, single))}
+                         for c, v in sorted(by_cat.items())},
         "status_rates": {st: statuses.get(st, 0) / total for st in STATUSES},
         "mean_completion_tokens": (sum(r.get("completion_tokens", 0) for r in rows) / total) if rows else None,
         "truncation_rate": (sum(bool(r.get("truncated")) for r in rows) / total) if rows else None,

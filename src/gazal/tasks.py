@@ -6,6 +6,7 @@ training signal and the benchmark number cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -86,3 +87,37 @@ def prompt_text(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt
     return "\n".join(m["content"] for m in prompt if m.get("role") != "assistant")
+
+
+# Tags a completion must be able to spell. Some tokenizers make them special tokens, which
+# `skip_special_tokens=True` (TRL's decoding) would drop while evaluation read them.
+REASONING_TAGS = ("<think>", "</think>")
+
+
+@functools.lru_cache(maxsize=8)
+def _dropped_ids(tokenizer: Any) -> frozenset[int]:
+    vocab = tokenizer.get_vocab()
+    keep = {vocab[t] for t in REASONING_TAGS if t in vocab}
+    return frozenset(set(tokenizer.all_special_ids) - keep)
+
+
+def decode_completion(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The one decode rule for completions, used by evaluation (both backends) and by the GRPO
+    rewards: special tokens (end of turn, padding, end of text) are dropped, except those that spell
+    the reasoning tags, so the reward reads the same text that evaluation scores."""
+    dropped = _dropped_ids(tokenizer)
+    return tokenizer.decode([i for i in ids if i not in dropped], skip_special_tokens=False)
+
+
+@dataclass(frozen=True)
+class DirectPrompts:
+    """The task's prompts with the reasoning instruction replaced by a direct-answer one."""
+
+    system_prompt: str | None
+    mcq_instruction: str
+    yesno_instruction: str
+
+    @classmethod
+    def of(cls, task: TaskPrompts, instruction: str) -> DirectPrompts:
+        return cls(task.system_prompt, instruction.format(what="option letter"),
+                   instruction.format(what="yes, no or maybe"))
