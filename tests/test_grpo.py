@@ -219,3 +219,30 @@ def test_sampler_logprobs_are_the_merged_weights_and_become_the_old_logprobs(sft
         assert all(to_learner < 1e-4 for _, to_learner in gaps), gaps
     else:
         assert any(to_learner > 1e-4 for _, to_learner in gaps), gaps
+
+
+def test_rewards_read_completions_by_evaluations_decode_rule(sft_run, tmp_path, monkeypatch):
+    """The tiny tokenizer makes <think> special: TRL's skip_special_tokens=True decoding would hand
+    the format reward '...The answer is A.' without its tags (format 0), evaluation reads the tags.
+    Rollouts are replaced by one well-formed completion so the format reward's value tells which
+    text the rewards saw (fails if TRL stops calling the _calculate_rewards override)."""
+    from gazal.grpo import GazalGRPOTrainer
+    from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(TINY_QWEN3))
+    fixed = tok("<think>fever and cough</think>\nThe answer is A.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert "<think>" not in tok.decode(fixed, skip_special_tokens=True)
+    original = GazalGRPOTrainer._generate_single_turn
+
+    def rollout(self, prompt_ids, *args, **kwargs):
+        ids, _ = original(self, prompt_ids, *args, **kwargs)
+        return [list(fixed) for _ in ids], None
+
+    monkeypatch.setattr(GazalGRPOTrainer, "_generate_single_turn", rollout)
+    run = _copy_sft(sft_run, tmp_path / "r")
+    assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=1",
+                 "grpo.max_completion_length=32", "grpo.samples_every=1"]) == 0
+    step = [r for r in _rows(run / "grpo" / "metrics.jsonl") if "loss" in r][0]
+    assert step["rewards/format/mean"] == 1.0
+    # The rollout samples show the text that was rewarded.
+    assert all(r["completion"].startswith("<think>fever") for r in _rows(run / "grpo" / "samples.jsonl"))

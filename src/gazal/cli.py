@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="benchmark JSONL folder to decontaminate against (default: $GAZAL_BENCHMARKS_DIR if set)")
     d.add_argument("--config", "-c", default="demo", metavar="RECIPE", help="recipe whose curate section to use")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    help_text = "is run B better than run A on each benchmark, or is the difference noise? (paired by item)"
+    p = sub.add_parser("compare", help=help_text, description=help_text)
+    p.add_argument("run_a", type=Path, metavar="RUN_A")
+    p.add_argument("run_b", type=Path, metavar="RUN_B")
+    p.add_argument("--mode", choices=("reasoning", "direct"), default="reasoning",
+                   help="which evaluation's samples to compare (default: reasoning)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed, used with several samples per item (default 0)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full comparison as JSON")
     return parser
 
 
@@ -130,6 +138,29 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from gazal import rundir
+    from gazal.compare import compare_runs
+
+    res = compare_runs(args.run_a, args.run_b, mode=args.mode, seed=args.seed)
+    print(f"A: {res['run_a']}\nB: {res['run_b']}\nmode {res['mode']}; 95% intervals; verdicts at alpha {res['alpha']}")
+    for name, b in res["benchmarks"].items():
+        if "skipped" in b:
+            print(f"{name}: skipped: {b['skipped']}")
+            continue
+        lo, hi = b["ci95"]
+        print(f"{name}: n={b['n']}, A {100 * b['accuracy_a']:.1f}%, B {100 * b['accuracy_b']:.1f}%, "
+              f"B-A {100 * b['difference']:+.1f} pts (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}), "
+              f"{b['test']} p={b['p_value']:.3g}: {b['verdict']}")
+        for cat, c in b["per_category"].items():
+            print(f"  {cat}: n={c['n']}, A {100 * c['accuracy_a']:.1f}%, B {100 * c['accuracy_b']:.1f}%, "
+                  f"B-A {100 * c['difference']:+.1f} pts")
+    if args.json:
+        rundir.write_json(args.json, res)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _rewards(args: argparse.Namespace) -> int:
@@ -198,6 +229,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "rewards":
         return _rewards(args)
+    if args.command == "compare":
+        return _compare(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "data":
@@ -247,8 +280,6 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"--- {name}: disabled in the recipe")
             elif rundir.is_done(run_dir, name):
                 print(f"--- {name}: already finished in {run_dir}, skipping")
-            elif name == "eval" and not rundir.is_main_process():
-                continue  # evaluation runs once, in the main process
             else:
                 _run_stage(name, recipe, run_dir, resume and (run_dir / name / "checkpoints").is_dir())
         if not rundir.is_main_process():
@@ -259,7 +290,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(path.read_text(encoding="utf-8"))
     else:
         _run_stage(args.command, recipe, run_dir, resume)
-        if args.command == "eval":
+        if args.command == "eval" and rundir.is_main_process():
             from gazal import report
 
             print("\n".join(report.eval_table(rundir.read_json(run_dir / "eval" / "results.json"))))

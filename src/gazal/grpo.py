@@ -19,7 +19,7 @@ from gazal.errors import GazalError
 from gazal.models import load_model, load_tokenizer, resolve_model
 from gazal.monitor import JsonlMetrics, MonitorCallback
 from gazal.rewards import resolve_reward
-from gazal.tasks import completion_text, messages, prompt_text
+from gazal.tasks import completion_text, decode_completion, messages, prompt_text
 from gazal.training import common_args, restore_checkpoint, resume_checkpoint, train_and_save
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,12 @@ class GazalGRPOTrainer(GRPOTrainer):
         return completion_ids, logprobs
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # The rewards read the completion text by evaluation's decode rule, not TRL's
+        # skip_special_tokens=True, which drops <think> where a tokenizer makes it special. In place:
+        # TRL logs this same list afterwards, so rollout samples show the text that was rewarded.
+        texts = [decode_completion(self.processing_class, ids) for ids in completion_ids_list]
+        completions[:] = [[{"role": "assistant", "content": t}] if isinstance(c, list) else t
+                          for c, t in zip(completions, texts)]
         # TRL returns every process's rewards gathered, before it groups and normalises them: the
         # one place where a group's accuracy can be seen whole (a group may span processes).
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
