@@ -66,3 +66,31 @@ def test_medmcqa_extra_and_categories(benchmarks_dir):
     assert len(items) == 4183 and all(it.answer in it.options for it in items)
     medqa = load_benchmark("medqa", benchmarks_dir)
     assert {it.category for it in medqa} == {"step1", "step2&3"}
+
+
+@pytest.mark.parametrize("name,limit", [("pubmedqa", 50), ("medqa", 50), ("mmlu_pro", 37), ("pubmedqa", 7)])
+def test_stratified_limit_is_seeded_and_keeps_label_proportions(benchmarks_dir, name, limit):
+    from collections import Counter
+
+    from gazal.benchmarks import select
+
+    items = load_benchmark(name, benchmarks_dir)
+    chosen = select(items, limit, "stratified", seed=42)
+    assert len(chosen) == limit == len({it.id for it in chosen})
+    assert [it.id for it in chosen] == [it.id for it in select(items, limit, "stratified", seed=42)]
+    assert [it.id for it in chosen] != [it.id for it in select(items, limit, "stratified", seed=43)]
+    order = {it.id: i for i, it in enumerate(items)}
+    assert [order[it.id] for it in chosen] == sorted(order[it.id] for it in chosen)  # file order kept
+    full, got = Counter(it.answer for it in items), Counter(it.answer for it in chosen)
+    for label, count in full.items():
+        assert abs(got[label] - limit * count / len(items)) < 1, (label, got[label], limit * count / len(items))
+    if name == "pubmedqa" and limit == 50:
+        first = Counter(it.answer for it in select(items, limit, "first"))
+        assert first == Counter({"yes": 50}) and set(got) == {"yes", "no", "maybe"}  # why first-N misleads
+
+
+def test_limit_larger_than_the_benchmark_takes_everything(benchmarks_dir):
+    from gazal.benchmarks import select
+
+    items = load_benchmark("pubmedqa", benchmarks_dir)
+    assert select(items, 10_000, "stratified", 1) == items and select(items, None) == items

@@ -55,6 +55,13 @@ def _write(tmp_path, text):
         ("name: x\ngrpo:\n  multi_objective_aggregation: normalize_then_sum\n  scale_rewards: none\n",
          ["grpo.scale_rewards", "normalize_then_sum"]),
         ("name: x\ngrpo:\n  multi_objective_aggregation: average\n", ["grpo.multi_objective_aggregation"]),
+        # Evaluation: vLLM replicas need the vLLM backend; the direct instruction's only field is {what}.
+        ("name: x\neval:\n  vllm_data_parallel_size: 4\n", ["recipe.yaml:3", "eval.vllm_data_parallel_size", "vllm"]),
+        ("name: x\neval:\n  direct_instruction: 'say {it}'\n", ["recipe.yaml:3", "eval.direct_instruction"]),
+        ("name: x\neval:\n  modes: [reasoning, recall]\n", ["eval.modes.1"]),
+        ("name: x\neval:\n  preset: qwen2\n", ["recipe.yaml:3", "eval.preset"]),
+        ("name: x\neval:\n  limit_strategy: random\n", ["eval.limit_strategy"]),
+        ("name: x\neval:\n  preset: qwen3-thinking\n  num_samples: 4\n  temperature: 0\n", ["eval.num_samples"]),
         # 2 completions per pass x 3 passes per rollout batch: not whole groups of 4.
         ("name: x\ngrpo:\n  per_device_train_batch_size: 2\n  steps_per_generation: 3\n",
          ["grpo.num_generations", "steps_per_generation"]),

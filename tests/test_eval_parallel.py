@@ -9,7 +9,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from gazal.cli import main
+from gazal.errors import GazalError
 from gazal.models import TINY_QWEN3, resolve_model
 
 ARGS = ["model.name_or_path=gazal:tiny-qwen3", "eval.benchmarks=[medqa, pubmedqa]", "eval.limit=24",
@@ -78,3 +81,50 @@ def test_two_processes_equal_one_and_resume_after_a_kill(tmp_path, benchmarks_di
                 assert rows == _samples(single, name, mode)  # item for item, in item order
                 assert len(rows) == len({r["id"] for r in rows}) == 24  # none lost, none repeated
             assert not list((run / "eval" / name / "parts").glob("*.jsonl"))
+
+
+def test_vllm_replicas_get_their_own_gpus_and_shares(tmp_path, benchmarks_dir, monkeypatch):
+    """`eval.vllm_data_parallel_size` starts one `python -m gazal.evaluate` per replica, each with its
+    own tensor-parallel GPUs and share; a replica writes only its own batches. (No GPU here: the
+    subprocesses are recorded, and one replica's entry point runs with the transformers backend.)"""
+    from gazal import evaluate, rundir
+    from gazal.config import load_recipe
+
+    started = []
+
+    class Proc:
+        def __init__(self, cmd, env=None, **_):
+            started.append((cmd, env))
+
+        def wait(self):
+            return 0
+
+    with monkeypatch.context() as m:  # only here: other code (platform) runs subprocesses too
+        m.setattr(evaluate.subprocess, "Popen", Proc)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+        recipe = load_recipe("demo", ["eval.backend=vllm", "eval.vllm_data_parallel_size=4",
+                                      "eval.vllm_tensor_parallel_size=2"])
+        evaluate._replicas(recipe, tmp_path)
+        assert [(env[evaluate.SHARD_ENV], env["CUDA_VISIBLE_DEVICES"]) for _, env in started] == [
+            ("0/4", "0,1"), ("1/4", "2,3"), ("2/4", "4,5"), ("3/4", "6,7")]
+        assert all(cmd[1:] == ["-m", "gazal.evaluate", str(tmp_path)] for cmd, _ in started)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+        with pytest.raises(GazalError, match="needs 8 GPUs"):
+            evaluate._replicas(recipe, tmp_path)
+
+    # One replica's entry point: share 1 of 2 writes the odd batches only, to parts/1.jsonl.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    run = tmp_path / "run"
+    recipe = load_recipe("demo", ["model.name_or_path=gazal:tiny-qwen3", f"eval.benchmarks_dir={benchmarks_dir}",
+                                  "eval.benchmarks=[pubmedqa]", "eval.limit=8", "eval.batch_size=2",
+                                  "eval.max_new_tokens=4", "eval.modes=[reasoning]"])
+    rundir.prepare(run, recipe)
+    out = rundir.start_stage(run, "eval", recipe)
+    (out / "model.txt").write_text(resolve_model(TINY_QWEN3) + "\n")
+    monkeypatch.setenv(evaluate.SHARD_ENV, "1/2")
+    evaluate._replica_main(str(run))
+    items = evaluate._items(recipe)["pubmedqa"]
+    odd = {it.id for b, batch in enumerate(evaluate.batches(items, recipe, "reasoning")) if b % 2 for it in batch}
+    rows = [json.loads(x) for x in (out / "pubmedqa" / "parts" / "1.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in rows} == odd and len(rows) == 4
+    assert not (out / "pubmedqa" / "parts" / "0.jsonl").exists()

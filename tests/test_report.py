@@ -29,3 +29,39 @@ def test_report_shows_each_reward_early_and_late(tmp_path):
 def test_report_of_a_single_step_has_no_halves(tmp_path):
     text = report.main(_grpo_run(tmp_path, [0.5])).read_text()
     assert "| rewards/format/mean | 0.5000 | 0.5000 | - | - |" in text
+
+
+def test_recall_versus_reasoning_by_hand():
+    from gazal.evaluate import recall_vs_reasoning
+
+    direct = [{"id": i, "correct": c} for i, c in zip("abcde", [True, True, False, False, True])]
+    # Item 'a' has two reasoning samples; 'e' has none (paired only where both exist).
+    reasoning = [{"id": "a", "correct": True, "completion_tokens": 10, "truncated": False},
+                 {"id": "a", "correct": False, "completion_tokens": 40, "truncated": False},
+                 {"id": "b", "correct": False, "completion_tokens": 100, "truncated": True},
+                 {"id": "c", "correct": True, "completion_tokens": 60, "truncated": False},
+                 {"id": "d", "correct": False, "completion_tokens": 20, "truncated": False}]
+    r = recall_vs_reasoning(reasoning, direct, max_new_tokens=100)
+    assert (r["pairs"], r["both_right"], r["reasoning_broke"], r["reasoning_fixed"], r["both_wrong"]) == (5, 1, 2, 1, 1)
+    assert r["reasoning_broke_rate"] == 0.4
+    # Buckets of 100 tokens: 1-12, 13-25, 26-50, 51-100, truncated.
+    assert [(x["tokens"], x["n"], x["accuracy"]) for x in r["by_length"]] == [
+        ("1-12", 1, 1.0), ("13-25", 1, 0.0), ("26-50", 1, 0.0), ("51-100", 1, 1.0), ("truncated", 1, 0.0)]
+
+
+def test_eval_with_both_modes_prints_and_reports_recall_versus_reasoning(tmp_path, benchmarks_dir, capsys):
+    from gazal.cli import main
+
+    run = tmp_path / "run"
+    args = ["eval", "--config", "demo", "--run-dir", str(run), "model.name_or_path=gazal:tiny-qwen3",
+            f"eval.benchmarks_dir={benchmarks_dir}", "eval.benchmarks=[pubmedqa]", "eval.limit=6",
+            "eval.max_new_tokens=6", "eval.direct_max_new_tokens=3", "eval.modes=[reasoning, direct]"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| PubMedQA (PQA-L test) (reasoning) | 6 |" in out and "| PubMedQA (PQA-L test) (direct) | 6 |" in out
+    assert "reasoning broke a right recall" in out
+    res = json.loads((run / "eval" / "results.json").read_text())["benchmarks"]["pubmedqa"]
+    assert res["selection"]["strategy"] == "stratified" and len(res["selection"]["ids"]) == 6
+    assert res["direct"]["mean_completion_tokens"] <= 3 and res["recall_vs_reasoning"]["pairs"] == 6
+    text = report.main(run).read_text()
+    assert "## Recall versus reasoning" in text and "Reasoning accuracy by completion length" in text

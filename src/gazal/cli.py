@@ -219,8 +219,11 @@ def _run_stage(name: str, recipe, run_dir: Path, resume: bool = False) -> None:
         stage.main(recipe, run_dir)
     else:
         stage.main(recipe, run_dir, resume=resume)
-    # What the stage held must be gone before the next stage loads its own model.
+    # What the stage held must be gone before the next stage loads its own model (on a GPU, vLLM
+    # replicas for evaluation need the memory the training stage's allocator still caches).
     gc.collect()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        sys.modules["torch"].cuda.empty_cache()
     print(f"<== {name} finished in {time.time() - start:.0f}s", flush=True)
 
 
@@ -293,7 +296,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "eval" and rundir.is_main_process():
             from gazal import report
 
-            print("\n".join(report.eval_table(rundir.read_json(run_dir / "eval" / "results.json"))))
+            res = rundir.read_json(run_dir / "eval" / "results.json")
+            print("\n".join(report.eval_table(res) + ["", *report.recall_table(res)]))
     return 0
 
 

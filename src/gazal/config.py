@@ -406,6 +406,9 @@ class EvalSettings(_Section):
     temperature > 0."""
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments of the chat template, for both backends (Qwen3: {enable_thinking: true})."""
+    direct_chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """What the direct mode changes in `chat_template_kwargs` (Qwen3: {enable_thinking: false}, so the
+    template closes an empty think block and the model answers at once)."""
     backend: Literal["transformers", "vllm"] = "transformers"
     """Generation engine: transformers (CPU or GPU) or vLLM (GPU, `pip install gazal[gpu]`)."""
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
@@ -673,6 +676,16 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
     if recipe.eval.num_samples > 1 and recipe.eval.temperature == 0:
         raise GazalError(f"{where('eval', 'num_samples')}: eval.num_samples > 1 needs eval.temperature > 0 "
                          "(greedy decoding gives the same completion every time)")
+    e = recipe.eval
+    if e.vllm_data_parallel_size > 1 and e.backend != "vllm":
+        raise GazalError(f"{where('eval', 'vllm_data_parallel_size')}: eval.vllm_data_parallel_size needs "
+                         "eval.backend=vllm; with transformers, launch `gazal eval` under accelerate launch / torchrun "
+                         "and every process evaluates its share")
+    try:
+        e.direct_instruction.format(what="option letter")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise GazalError(f"{where('eval', 'direct_instruction')}: eval.direct_instruction: only {{what}} may appear "
+                         f"in braces ({exc!r})") from None
     g = recipe.grpo
     names = [spec.name for spec in g.rewards]
     for i, spec in enumerate(g.rewards):

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -204,7 +205,7 @@ def _replicas(recipe: Recipe, run_dir: Path) -> None:
     cfg = recipe.eval
     tp, dp = cfg.vllm_tensor_parallel_size, cfg.vllm_data_parallel_size
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = visible.split(",") if visible else [str(i) for i in range(tp * dp)]
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     if len(gpus) < tp * dp:
         raise GazalError(f"eval.vllm_data_parallel_size={dp} x eval.vllm_tensor_parallel_size={tp} needs {tp * dp} "
                          f"GPUs; CUDA_VISIBLE_DEVICES has {len(gpus)}")
@@ -245,8 +246,14 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
     for name, chosen in items.items():
         if isinstance(chosen, str):
             log.warning("skipping %s: %s", name, chosen)
-    if cfg.backend == "vllm" and cfg.vllm_data_parallel_size > 1:
-        _replicas(recipe, run_dir)
+    if cfg.backend == "vllm":
+        # vLLM engines span GPUs themselves: the main process runs one, or starts the replicas; the
+        # other processes of a `gazal run` launch have nothing to generate.
+        if rundir.is_main_process():
+            if cfg.vllm_data_parallel_size > 1:
+                _replicas(recipe, run_dir)
+            else:
+                generate_shares(recipe, run_dir, items, 0, 1)
     else:
         generate_shares(recipe, run_dir, items, rank, world)
     if not rundir.is_main_process():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,13 +40,16 @@ class Decoding:
     top_k: int | None = None
     min_p: float | None = None
     n: int = 1
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, cfg: EvalSettings, mode: str) -> Decoding:
         """The recipe's decoding for a mode: 'reasoning' as configured, 'direct' greedy and short."""
         if mode == "direct":
-            return cls(cfg.direct_max_new_tokens)
-        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.num_samples)
+            return cls(cfg.direct_max_new_tokens,
+                       chat_template_kwargs={**cfg.chat_template_kwargs, **cfg.direct_chat_template_kwargs})
+        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.num_samples,
+                   dict(cfg.chat_template_kwargs))
 
 
 class TransformersGenerator:
@@ -65,7 +68,6 @@ class TransformersGenerator:
             self.model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         self.model.eval()
         self.cfg = recipe.eval
-        self.chat_template_kwargs = dict(recipe.eval.chat_template_kwargs)
         self.stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None}
 
     @torch.inference_mode()
@@ -74,7 +76,7 @@ class TransformersGenerator:
         """`decoding`'s completions per conversation (None: the recipe's reasoning-mode decoding)."""
         decoding = decoding or Decoding.of(self.cfg, "reasoning")
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False,
-                                                      **self.chat_template_kwargs) for c in conversations]
+                                                      **decoding.chat_template_kwargs) for c in conversations]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         sampling = decoding.temperature > 0
         # Seeded per call (evaluation passes one seed per fixed batch), so a resumed or data-parallel
@@ -127,7 +129,7 @@ class VLLMGenerator:
         if not torch.cuda.is_available():
             raise GazalError("eval.backend: 'vllm' needs a CUDA GPU; use 'transformers' on CPU")
         self.cfg = recipe.eval
-        self.chat_template_kwargs = dict(recipe.eval.chat_template_kwargs)
+        self.cfg = recipe.eval
         self.llm = LLM(**vllm_engine_kwargs(recipe, model_path))
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -142,7 +144,7 @@ class VLLMGenerator:
                                 top_p=decoding.top_p if decoding.temperature > 0 else 1.0,
                                 max_tokens=decoding.max_new_tokens, seed=seed, **extra)
         outputs = self.llm.chat(conversations, params, use_tqdm=False,
-                                chat_template_kwargs=self.chat_template_kwargs or None)
+                                chat_template_kwargs=decoding.chat_template_kwargs or None)
         eos = self.tokenizer.eos_token_id
         return [[Completion(decode_completion(self.tokenizer, o.token_ids),
                             len([t for t in o.token_ids if t != eos]), o.finish_reason == "length")

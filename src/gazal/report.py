@@ -66,6 +66,21 @@ def _mean(vals: list[float]) -> float:
     return sum(vals) / len(vals)
 
 
+def _row(title: str, b: dict, paper: str) -> str:
+    lo, hi = b["ci95"]
+    rates = b["status_rates"]
+    return (f"| {title} | {b['n']} | {_pct(b['accuracy'])} ({_pct(lo)}-{_pct(hi)}) | {paper} | "
+            f"{_pct(rates['no_answer'])} | {_pct(rates['hedge'])} | {_pct(rates['not_an_option'])} | "
+            f"{_pct(b['truncation_rate'])} | {b['mean_completion_tokens']:.0f} |")
+
+
+def _selection(b: dict) -> str:
+    sel = b.get("selection")
+    if sel and sel.get("strategy") == "stratified":
+        return f"; a sample of {len(sel['ids'])} items stratified by label and category (seed {sel['seed']})"
+    return f"; first {b['limit']} items only" if b.get("limit") else ""
+
+
 def eval_table(res: dict) -> list[str]:
     """Markdown table of evaluation results beside Gazal-R1's reported numbers, with definitions."""
     lines = ["| benchmark | items | accuracy % (95% CI) | Gazal-R1 paper % | no answer % | hedge % | "
@@ -78,26 +93,49 @@ def eval_table(res: dict) -> list[str]:
             lines.append(f"| {title} | - | skipped | {paper} | - | - | - | - | - |")
             notes.append(f"- {title}: skipped: {b['skipped']}")
             continue
-        lo, hi = b["ci95"]
-        rates = b["status_rates"]
-        lines.append(
-            f"| {title} | {b['n']} | {_pct(b['accuracy'])} ({_pct(lo)}-{_pct(hi)}) | {paper} | "
-            f"{_pct(rates['no_answer'])} | {_pct(rates['hedge'])} | {_pct(rates['not_an_option'])} | "
-            f"{_pct(b['truncation_rate'])} | {b['mean_completion_tokens']:.0f} |")
+        lines.append(_row(title + (f" ({b['mode']})" if "direct" in b or b.get("mode") == "direct" else ""), b, paper))
+        if "direct" in b:
+            lines.append(_row(f"{title} (direct)", b["direct"], "-"))
         definition = "" if b["definition"] == title else f": {b['definition']}"
-        cats = ", ".join(f"{c} {_pct(v['accuracy'])}% (n={v['n']})" for c, v in b.get("per_category", {}).items())
-        notes.append(f"- {title}{definition}" + (f"; first {b['limit']} items only" if b.get("limit") else "")
-                     + (f"; by category: {cats}" if cats else ""))
+        cats = ", ".join(f"{c} {_pct(v['accuracy'])}% (" + (f"{_pct(v['ci95'][0])}-{_pct(v['ci95'][1])}, " if "ci95" in v else "")
+                         + f"n={v['n']})" for c, v in b.get("per_category", {}).items())
+        notes.append(f"- {title}{definition}{_selection(b)}" + (f"; by category: {cats}" if cats else ""))
     return lines + ["", *notes]
+
+
+def recall_table(res: dict) -> list[str]:
+    """Recall (direct answers) against reasoning, item by item, and accuracy by reasoning length."""
+    rows = {name: b for name, b in res["benchmarks"].items() if "recall_vs_reasoning" in b}
+    if not rows:
+        return []
+    lines = ["| benchmark | direct % | reasoning % | reasoning fixed a wrong recall | reasoning broke a right recall "
+             "| both right | both wrong |", "|---|---|---|---|---|---|---|"]
+    lengths = ["", "Reasoning accuracy by completion length (tokens):", "",
+               "| benchmark | " + " | ".join(x["tokens"] for x in next(iter(rows.values()))["recall_vs_reasoning"]["by_length"])
+               + " |", "|---|" + "---|" * len(next(iter(rows.values()))["recall_vs_reasoning"]["by_length"])]
+    for name, b in rows.items():
+        r = b["recall_vs_reasoning"]
+        lines.append(f"| {TITLES.get(name, name)} | {_pct(b['direct']['accuracy'])} | {_pct(b['accuracy'])} | "
+                     f"{r['reasoning_fixed']} ({_pct(r['reasoning_fixed_rate'])}%) | "
+                     f"{r['reasoning_broke']} ({_pct(r['reasoning_broke_rate'])}%) | {r['both_right']} | {r['both_wrong']} |")
+        lengths.append(f"| {TITLES.get(name, name)} | " + " | ".join(
+            f"{_pct(x['accuracy'])}% (n={x['n']})" if x["accuracy"] is not None else "- (n=0)" for x in r["by_length"]) + " |")
+    return lines + lengths
 
 
 def _eval_section(run_dir: Path) -> list[str]:
     if not rundir.is_done(run_dir, "eval"):
         return ["## Evaluation", "", "Not run (or not finished).", ""]
     res = rundir.read_json(run_dir / "eval" / "results.json")
-    return ["## Evaluation", "", f"Model: `{res['model']}`; decoding: {res['decoding']}", "", *eval_table(res), "",
-            "The paper's numbers are Qwen3-32B after the full recipe on the full test sets; a limited run is a smoke "
-            "test, not a comparison.", ""]
+    lines = ["## Evaluation", "", f"Model: `{res['model']}`; decoding: {res['decoding']}", "", *eval_table(res), "",
+             "The paper's numbers are Qwen3-32B after the full recipe on the full test sets; a limited run is a smoke "
+             "test, not a comparison.", ""]
+    recall = recall_table(res)
+    if recall:
+        lines += ["## Recall versus reasoning", "",
+                  "The same questions answered at once ('direct': what the model recalls) and after reasoning, paired "
+                  "item by item (each reasoning sample against the item's direct answer).", "", *recall, ""]
+    return lines
 
 
 def main(run_dir: Path) -> Path:
