@@ -130,6 +130,23 @@ def missing(items: list[Item], folder: Path, n: int) -> int:
     return sum((it.id, k) not in done for it in items for k in range(n))
 
 
+def _await_rows(name: str, mode: str, items: list[Item], folder: Path, n: int) -> None:
+    """Wait until the other processes have written every row (they finish their shares in their own
+    time). Files are reread only when their sizes change: a full evaluation's rows run to hundreds
+    of megabytes."""
+    seen, said = None, time.monotonic()
+    while True:
+        sizes = sorted((p.name, p.stat().st_size) for p in (folder / "parts").glob("*.jsonl"))
+        if sizes != seen:
+            seen = sizes
+            if not (left := missing(items, folder, n)):
+                return
+        if time.monotonic() - said > 60:
+            log.info("%s (%s): waiting for %d rows from the other processes", name, mode, left)
+            said = time.monotonic()
+        time.sleep(1)
+
+
 def merge(items: list[Item], folder: Path, n: int) -> list[dict]:
     """Write folder/samples.jsonl from every process's rows, in item and sample order, and drop the parts."""
     done = _rows(folder)
@@ -284,13 +301,7 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         for mode in cfg.modes:
             folder = _folder(out, name, mode)
             n = Decoding.of(cfg, mode).n
-            # The other processes finish their shares in their own time: wait for their rows.
-            waited = time.monotonic()
-            while (left := missing(chosen, folder, n)):
-                if time.monotonic() - waited > 30:
-                    log.info("%s (%s): waiting for %d rows from the other processes", name, mode, left)
-                    waited = time.monotonic()
-                time.sleep(1)
+            _await_rows(name, mode, chosen, folder, n)
             merged[mode] = merge(chosen, folder, n)
         reasoning = "reasoning" if "reasoning" in merged else cfg.modes[0]
         entry.update(metrics(merged[reasoning]))
