@@ -57,3 +57,32 @@ def test_hub_multiple_choice_rows_map_to_gazal_shape():
     assert listed.options == {"A": "x", "B": "y", "C": "z"} and listed.answer == "C"
     with pytest.raises(GazalError, match="hub\\[2\\].*options"):
         mcq_item(hub_mcq_row({"question": "no options here", "answer": "A"}), "hub[2]")
+
+
+def test_ii_medical_rl_rows_in_their_documented_shape(monkeypatch):
+    """Intelligent-Internet/II-Medical-RL's columns (dataset_name, id_in_dataset, question, answer,
+    reasoning, options as one string, problem, label); the hub is stood in for by a local Dataset."""
+    from datasets import Dataset
+
+    from gazal import data
+
+    rows = [
+        {"dataset_name": "medmcqa", "id_in_dataset": 7, "question": "Scurvy is caused by deficiency of?",
+         "answer": "Vitamin C", "reasoning": "...", "options": "Answer Choices:\nA. Vitamin A\nB. Vitamin C\nC. Vitamin D",
+         "problem": "...", "label": "B"},
+        # Options as a Python literal, the label missing: the answer text names the option.
+        {"dataset_name": "medqa", "id_in_dataset": 8, "question": "First-line drug for absence seizures?",
+         "answer": "Ethosuximide", "reasoning": "...", "options": "{'A': 'Carbamazepine', 'B': 'Ethosuximide'}",
+         "problem": "...", "label": ""},
+        # An open question: no options, skipped and counted.
+        {"dataset_name": "pubmedqa", "id_in_dataset": 9, "question": "Does X cause Y?", "answer": "yes",
+         "reasoning": "...", "options": "", "problem": "...", "label": ""},
+    ]
+    monkeypatch.setattr(data, "_hub_dataset", lambda name, *a, **k: Dataset.from_list(rows))
+    items = data.load_grpo_items("Intelligent-Internet/II-Medical-RL")
+    assert [(it.id, it.answer, it.options[it.answer]) for it in items] == [
+        ("medmcqa-7", "B", "Vitamin C"), ("medqa-8", "B", "Ethosuximide")]
+    bad = [{**rows[0], "label": "E", "answer": "Vitamin E"}]
+    monkeypatch.setattr(data, "_hub_dataset", lambda name, *a, **k: Dataset.from_list(bad))
+    with pytest.raises(GazalError, match=r"II-Medical-RL\[0\]: field 'answer' is 'E'"):
+        data.load_grpo_items("Intelligent-Internet/II-Medical-RL")

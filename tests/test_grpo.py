@@ -246,3 +246,42 @@ def test_rewards_read_completions_by_evaluations_decode_rule(sft_run, tmp_path, 
     assert step["rewards/format/mean"] == 1.0
     # The rollout samples show the text that was rewarded.
     assert all(r["completion"].startswith("<think>fever") for r in _rows(run / "grpo" / "samples.jsonl"))
+
+
+def test_trl_passthrough_and_first_class_keys_reach_the_trainer(sft_run, tmp_path, monkeypatch):
+    from gazal.grpo import GazalGRPOTrainer
+
+    seen = {}
+    train = GazalGRPOTrainer.train
+
+    def spy(self, *args, **kwargs):
+        seen.update(max_grad_norm=self.args.max_grad_norm, top_k=self.args.top_k,
+                    level=self.args.importance_sampling_level, weight_decay=self.args.weight_decay)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(GazalGRPOTrainer, "train", spy)
+    run = _copy_sft(sft_run, tmp_path / "r")
+    assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=1",
+                 "grpo.trl.max_grad_norm=0.5", "grpo.trl.top_k=7", "grpo.importance_sampling_level=sequence",
+                 "grpo.loss_type=grpo", "grpo.weight_decay=0.01"]) == 0
+    assert seen == {"max_grad_norm": 0.5, "top_k": 7, "level": "sequence", "weight_decay": 0.01}
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("grpo.trl.no_such_field=1", ["grpo.trl.no_such_field", "no field"]),
+    ("grpo.trl.max_grad_nrm=1", ["grpo.trl.max_grad_nrm", "closest: max_grad_norm"]),
+    ("grpo.trl.learning_rate=1", ["grpo.trl.learning_rate", "grpo.learning_rate"]),
+    ("grpo.trl.report_to=wandb", ["grpo.trl.report_to", "logging.report_to"]),
+    ("grpo.trl.max_grad_norm=abc", ["grpo.trl.max_grad_norm", "valid number", "abc"]),
+    ("sft.trl.neftune_noise_alpha=loud", ["sft.trl.neftune_noise_alpha", "valid number"]),
+    ("model.kwargs.torch_dtype=float16", ["model.kwargs.torch_dtype", "model.dtype"]),
+    ("grpo.max_grad_norm=0.3 grpo.trl.max_grad_norm=0.5", ["grpo.trl.max_grad_norm", "grpo.max_grad_norm"]),
+])
+def test_trl_passthrough_refuses_at_validation(override, expected, capsys):
+    assert main(["validate", "--config", "demo", *override.split()]) == 2
+    err = capsys.readouterr().err
+    assert all(piece in err for piece in expected), err
+
+
+def test_trl_passthrough_accepts_a_real_field(capsys):
+    assert main(["validate", "--config", "demo", "grpo.trl.max_grad_norm=0.5", "sft.trl.neftune_noise_alpha=5"]) == 0

@@ -262,6 +262,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     recipe = config.load_recipe(args.config, args.overrides)
+    from gazal.checks import check_passthrough
+
+    check_passthrough(recipe)
     if args.command == "validate":
         if args.explain:
             print("\n".join(config.explain()))

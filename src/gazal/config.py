@@ -7,6 +7,7 @@ and bad values are rejected with the full dotted key, the file and line, and the
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
 import os
 from importlib import resources
@@ -61,6 +62,20 @@ class ModelSettings(_Section):
     """Weights dtype for training and generation."""
     trust_remote_code: bool = False
     """Allow model code from the hub to run."""
+    attn_implementation: str | None = None
+    """Attention kernel for training and transformers generation: 'sdpa', 'eager', 'flash_attention_2',
+    'flash_attention_3', 'flex_attention', or a kernels-hub id (None: transformers' default)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Other keyword arguments of `from_pretrained` (e.g. {use_cache: false}); dtype, revision,
+    trust_remote_code and attn_implementation have keys of their own."""
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, value: str | None) -> str | None:
+        known = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+        if value is None or value in known or "/" in value:  # "/": a kernels-hub repository
+            return value
+        raise ValueError(f"unknown attention implementation (known: {', '.join(known)}, or a kernels-hub id)")
 
 
 class TaskSettings(_Section):
@@ -159,6 +174,8 @@ class SFTSettings(_Section):
     """transformers scheduler name (cosine, linear, constant, ...)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
+    max_grad_norm: float | None = Field(None, ge=0)
+    """Gradient clipping norm (0: no clipping; None: TRL's default, 1.0, or `sft.trl`)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     bf16: bool = False
@@ -180,6 +197,9 @@ class SFTSettings(_Section):
     use_liger_kernel: bool = False
     """Liger Triton kernels (fused cross-entropy etc.) on GPUs; needs the gpu extra."""
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    trl: dict[str, Any] = Field(default_factory=dict)
+    """Any other field of TRL's SFTConfig (e.g. max_grad_norm, neftune_noise_alpha), checked against
+    the dataclass at validation; fields Gazal sets from its own keys are refused, naming that key."""
     """The adapter trained in this stage."""
 
 
@@ -296,6 +316,16 @@ class GRPOSettings(_Section):
     """Exclude completions cut at max_completion_length from the loss."""
     num_iterations: int = Field(1, gt=0)
     """Optimisation passes per generated batch."""
+    importance_sampling_level: Literal["token", "sequence"] | None = None
+    """PPO ratio per token (GRPO/DAPO) or one per sequence, the mean log-ratio over its tokens (GSPO;
+    pair it with loss_type grpo, as the GSPO paper does). None: TRL's default, token."""
+    top_entropy_quantile: float | None = Field(None, ge=0, le=1)
+    """Keep in the loss only this top quantile of tokens by entropy ('Beyond the 80/20 rule'
+    recommends 0.2). None: TRL's default, 1.0 (all tokens)."""
+    max_grad_norm: float | None = Field(None, ge=0)
+    """Gradient clipping norm (0: no clipping). None: TRL's default, 1.0 (or `grpo.trl`)."""
+    weight_decay: float | None = Field(None, ge=0)
+    """AdamW weight decay on the adapter. None: TRL's default, 0."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (slower; TRL turns it on by default)."""
     bf16: bool = False
@@ -307,6 +337,9 @@ class GRPOSettings(_Section):
     save_total_limit: int | None = Field(2, gt=0)
     """Keep only the newest N checkpoints (None: all)."""
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings(dropout=0.0))
+    trl: dict[str, Any] = Field(default_factory=dict)
+    """Any other field of TRL's GRPOConfig (e.g. top_k, repetition_penalty, delta), checked against
+    the dataclass at validation; fields Gazal sets from its own keys are refused, naming that key."""
     """The adapter trained in this stage, on top of the merged SFT model. Its dropout defaults to
     0: rollouts sample without dropout, so a training forward with it would learn a policy other
     than the one that sampled."""
@@ -332,6 +365,15 @@ class GRPOSettings(_Section):
     """Server mode: the URL of `trl vllm-serve` (e.g. http://localhost:8000)."""
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     """Colocate mode: the share of GPU memory vLLM may take."""
+    vllm_tensor_parallel_size: int | None = Field(None, gt=0)
+    """Colocate mode: GPUs each vLLM engine shards the policy over (server mode: the server's flag).
+    None: TRL's default, 1."""
+    vllm_enable_sleep_mode: bool | None = None
+    """Colocate mode: vLLM offloads its weights and cache during the optimizer step (less memory,
+    slower wake-up). None: TRL's default, off."""
+    vllm_importance_sampling_correction: bool | None = None
+    """Correct the PPO ratio for vLLM's sampling log-probs differing from the trainer's (TRL's
+    truncated importance sampling). None: TRL's default, on."""
     samples_every: int = Field(5, ge=0)
     """Every this many steps, append the latest rollouts (prompt, completion, each reward component,
     advantage) to grpo/samples.jsonl and grpo/samples.md; 0: never."""
@@ -500,6 +542,44 @@ class CurateSettings(_Section):
     """Environment variable holding the judge's API key (never written anywhere)."""
 
 
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow", "trackio"]
+# The importable packages that make each tracker work (any one of them), and what to install.
+TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install tensorboard"),
+    "wandb": (("wandb",), "pip install wandb"),
+    "mlflow": (("mlflow",), "pip install mlflow"),
+    "trackio": (("trackio",), "pip install trackio"),
+}
+
+
+class LoggingSettings(_Section):
+    """Experiment trackers: training metrics of every stage, the resolved recipe and evaluation results."""
+
+    report_to: list[Tracker] = Field(default_factory=lambda: ["none"])
+    """Trackers to log to: tensorboard, wandb, mlflow, trackio (several at once), or none. Each stage is
+    one tracker run named <run_name>-<stage> (sft, grpo, eval), grouped by run_name (W&B group, MLflow
+    tag gazal.run, TensorBoard folder); the recipe is the run's config."""
+    run_name: str | None = None
+    """Name of this run in the trackers (None: the run directory's name)."""
+    project: str | None = None
+    """W&B or Trackio project, or MLflow experiment, the runs go to (None: the recipe's name)."""
+    logging_dir: str | None = None
+    """Root of the trackers' local files, shared by several runs: TensorBoard events go to
+    <logging_dir>/<run_name>/<stage>, W&B's files beside them (None: <run dir>/logs/<stage>)."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, value: list[str]) -> list[str]:
+        if "none" in value and len(value) > 1:
+            raise ValueError("'none' cannot be combined with a tracker")
+        return value or ["none"]
+
+
 class Recipe(_Section):
     """A whole Gazal run: model, data, SFT, GRPO and evaluation."""
 
@@ -517,6 +597,7 @@ class Recipe(_Section):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     synth: SynthSettings = Field(default_factory=SynthSettings)
     curate: CurateSettings = Field(default_factory=CurateSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,6 +744,12 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
         looks_local = value.endswith((".jsonl", ".json", ".parquet")) or value.startswith((".", "/", "~"))
         if looks_local and not Path(value).expanduser().is_file():
             raise GazalError(f"{where(*key)}: {'.'.join(key)}: file not found: {value}")
+    for i, tracker in enumerate(recipe.logging.report_to):
+        # Here, not when the trainer starts: transformers would fail only once training begins.
+        modules, install = TRACKER_PACKAGES.get(tracker, ((), ""))
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise GazalError(f"{where('logging', 'report_to', str(i))}: logging.report_to: {tracker} is not "
+                             f"installed; `{install}` (or `pip install 'gazal[trackers]'`), or drop it from the list")
     bdir = recipe.eval.benchmarks_dir
     if bdir is not None and not Path(bdir).expanduser().is_dir():
         raise GazalError(f"{where('eval', 'benchmarks_dir')}: eval.benchmarks_dir: directory not found: {bdir}")
@@ -702,6 +789,14 @@ def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, .
         raise GazalError(f"{where('grpo', 'scale_rewards')}: grpo.scale_rewards={g.scale_rewards} has no effect with "
                          "grpo.multi_objective_aggregation=normalize_then_sum (TRL normalises each component per "
                          "group and the sum over the batch); leave scale_rewards at 'group'")
+    if g.use_vllm and g.vllm_mode == "server" and (g.vllm_tensor_parallel_size or 1) > 1:
+        raise GazalError(f"{where('grpo', 'vllm_tensor_parallel_size')}: grpo.vllm_tensor_parallel_size applies to "
+                         "vllm_mode colocate; a vLLM server takes its own --tensor-parallel-size")
+    if g.importance_sampling_level == "sequence" and g.loss_type != "grpo":
+        # Runnable, but not GSPO: TRL warns as well.
+        log.warning("%s: grpo.importance_sampling_level=sequence with loss_type %s sums per-token terms, weighting "
+                    "each sequence by its length; the GSPO paper's objective is loss_type grpo",
+                    where("grpo", "importance_sampling_level"), g.loss_type)
     if g.lora.dropout > 0 and not g.disable_dropout:
         raise GazalError(
             f"{where('grpo', 'lora', 'dropout')}: grpo.lora.dropout={g.lora.dropout} with grpo.disable_dropout "

@@ -5,6 +5,7 @@ Every bad row is reported with file, line and field, so a user fixes it in one g
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import random
@@ -222,9 +223,62 @@ def load_grpo_items(spec: str, limit: int | None = None) -> list[Item]:
     path = _resolve(spec)
     if path is not None:
         items = [mcq_item(row, f"{path}:{lineno}") for lineno, row in read_jsonl(path)]
+    elif spec in HUB_GRPO_SHAPES:
+        items = _mixed_mcq_items(spec, HUB_GRPO_SHAPES[spec])
     else:
         items = [mcq_item(hub_mcq_row(row), f"{spec}[{i}]") for i, row in enumerate(_hub_rows(spec, ("question", "answer")))]
     return items[:limit] if limit else items
+
+
+def ii_medical_rl_row(row: dict[str, Any]) -> dict[str, Any] | None:
+    """An Intelligent-Internet/II-Medical-RL row (question, options as one string, label, answer
+    text, reasoning, ...) in Gazal's shape, or None when it is not multiple choice (the set also
+    holds open questions). Options come as "A. text" lines (after an "Answer Choices:" heading), or
+    as a JSON / Python literal dict or list; the gold letter is `label`, else the option whose text
+    is `answer`."""
+    raw, options = row.get("options"), None
+    if isinstance(raw, dict):
+        options = raw
+    elif isinstance(raw, str) and raw.strip():
+        try:
+            parsed = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            parsed = None
+        if isinstance(parsed, (list, tuple)):
+            options = {chr(ord("A") + i): str(o) for i, o in enumerate(parsed)}
+        elif isinstance(parsed, dict):
+            options = {str(k).strip(): str(v) for k, v in parsed.items()}
+        else:
+            options = {m.group(1): m.group(2) for m in _OPTION_LINE.finditer(raw)} or None
+    if not options or len(options) < 2:
+        return None
+    label = str(row.get("label") or "").strip().strip("().").upper()
+    if label not in options:
+        text = str(row.get("answer") or "").strip().lower()
+        label = next((k for k, v in options.items() if v.strip().lower() == text), label)
+    return {"id": f"{row.get('dataset_name', 'ii')}-{row.get('id_in_dataset', '')}", "question": row.get("question"),
+            "options": options, "answer": label}
+
+
+# Hub RL sets whose rows need their own reading (and may hold rows that are not multiple choice).
+HUB_GRPO_SHAPES = {"Intelligent-Internet/II-Medical-RL": ii_medical_rl_row}
+
+
+def _mixed_mcq_items(name: str, shape) -> list[Item]:
+    """The multiple-choice rows of a mixed hub set; the others are counted and skipped, and a row
+    that claims options but does not parse (a label that is not an option) is an error naming it."""
+    ds = _hub_dataset(name)
+    items, skipped = [], 0
+    for i, row in enumerate(ds):
+        mapped = shape(row)
+        if mapped is None:
+            skipped += 1
+            continue
+        items.append(mcq_item(mapped, f"{name}[{i}]"))
+    log.info("%s: %d multiple-choice questions, %d rows without options skipped", name, len(items), skipped)
+    if not items:
+        raise GazalError(f"{name}: no multiple-choice rows (question, options, label) found")
+    return items
 
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-J])[.):]\s+(.+?)\s*$", re.MULTILINE)

@@ -28,7 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from gazal import rundir
+from gazal import rundir, trackers
 from gazal.benchmarks import PAPER, BenchmarkUnavailable, benchmarks_dir, describe, load_benchmark, select
 from gazal.config import Recipe, load_recipe
 from gazal.errors import GazalError
@@ -313,6 +313,7 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         log.info("%s: accuracy %.3f (n=%d)", name, entry["accuracy"], entry["n"])
     results.update(rundir.peak_memory())
     rundir.write_json(out / "results.json", results)
+    trackers.log_eval(recipe, run_dir, results)  # before DONE: if a tracker fails, a rerun logs again
     rundir.finish_stage(run_dir, "eval")
     return results
 

@@ -16,7 +16,7 @@ import torch
 
 from gazal.config import EvalSettings, Recipe
 from gazal.errors import GazalError
-from gazal.models import load_model, load_tokenizer
+from gazal.models import load_model, load_tokenizer, model_kwargs
 from gazal.sharding import unsharded_loading
 from gazal.tasks import decode_completion
 
@@ -62,7 +62,8 @@ class TransformersGenerator:
         # A whole model in this process, even after a ZeRO-3 training stage of `gazal run` left
         # DeepSpeed's config active (it would partition the weights and wait for other ranks).
         with unsharded_loading():
-            self.model = load_model(model_path, dtype, trust_remote_code=recipe.model.trust_remote_code)
+            self.model = load_model(model_path, dtype, trust_remote_code=recipe.model.trust_remote_code,
+                                    **model_kwargs(recipe.model))
         if torch.cuda.is_available():
             # Under data-parallel evaluation each process takes its own GPU.
             self.model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -16,11 +17,11 @@ from gazal.adapters import MergedRollouts, lora_config, upcast_dora_magnitudes
 from gazal.config import Recipe
 from gazal.data import load_grpo_items
 from gazal.errors import GazalError
-from gazal.models import load_model, load_tokenizer, resolve_model
+from gazal.models import load_model, load_tokenizer, model_kwargs, resolve_model
 from gazal.monitor import JsonlMetrics, MonitorCallback
 from gazal.rewards import resolve_reward
 from gazal.tasks import completion_text, decode_completion, messages, prompt_text
-from gazal.training import common_args, restore_checkpoint, resume_checkpoint, train_and_save
+from gazal.training import common_args, restore_checkpoint, resume_checkpoint, set_only, train_and_save, trl_config
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,44 @@ def sampler_logprobs(cfg, dtype: str) -> bool:
     return dtype != "float32"
 
 
+def config_kwargs(recipe: Recipe, out: Path) -> dict[str, Any]:
+    """GRPOConfig arguments Gazal sets from the recipe (the `grpo.trl` mapping adds the rest)."""
+    cfg = recipe.grpo
+    vllm: dict[str, Any] = {"use_vllm": cfg.use_vllm}
+    if cfg.use_vllm:
+        vllm.update(vllm_mode=cfg.vllm_mode, vllm_server_base_url=cfg.vllm_server_base_url,
+                    vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                    **set_only(vllm_tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                               vllm_enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+                               vllm_importance_sampling_correction=cfg.vllm_importance_sampling_correction))
+    return {
+        **common_args(recipe, cfg, out),
+        **vllm,
+        "warmup_steps": cfg.warmup_steps,
+        "lr_scheduler_type": cfg.lr_scheduler_type,
+        "steps_per_generation": cfg.steps_per_generation,
+        "num_generations": cfg.num_generations,
+        "max_completion_length": cfg.max_completion_length,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "beta": cfg.beta,
+        "epsilon": cfg.epsilon,
+        "epsilon_high": cfg.epsilon_high,
+        "loss_type": cfg.loss_type,
+        "scale_rewards": cfg.scale_rewards,
+        "mask_truncated_completions": cfg.mask_truncated_completions,
+        "num_iterations": cfg.num_iterations,
+        # Keys left unset leave the field to TRL's default (or to `grpo.trl`).
+        **set_only(importance_sampling_level=cfg.importance_sampling_level,
+                   top_entropy_quantile=cfg.top_entropy_quantile, max_grad_norm=cfg.max_grad_norm,
+                   weight_decay=cfg.weight_decay),
+        "multi_objective_aggregation": cfg.multi_objective_aggregation,
+        "reward_weights": [spec.weight for spec in cfg.rewards],
+        # Merged-weight rollouts sample without dropout; the learning forward must match them.
+        "disable_dropout": cfg.disable_dropout,
+    }
+
+
 def _policy(recipe: Recipe, run_dir: Path):
     """The model to train and the PEFT config to give TRL (None when the model already has its adapter)."""
     cfg = recipe.grpo
@@ -212,11 +251,13 @@ def _policy(recipe: Recipe, run_dir: Path):
         if not rundir.is_done(run_dir, "sft") or not (adapter / "adapter_config.json").is_file():
             raise GazalError(f"grpo.adapter: 'continue' needs a finished SFT adapter in {adapter}")
         base = resolve_model(recipe.model.name_or_path, recipe.model.revision)
-        model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
+        model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code,
+                           **model_kwargs(recipe.model))
         log.info("grpo continues the SFT adapter %s on %s", adapter, base)
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), None, base
     base = rundir.model_for(run_dir, "grpo", recipe)
-    model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
+    model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code,
+                       **model_kwargs(recipe.model))
     return model, lora_config(cfg.lora), base
 
 
@@ -237,32 +278,7 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     audit.check_or_refuse(recipe, tokenizer)  # before loading weights: a gameable reward stops here
     reward_funcs = [resolve_reward(s.name, s.params, tokenizer, cfg.max_completion_length) for s in cfg.rewards]
 
-    vllm = {"use_vllm": cfg.use_vllm}
-    if cfg.use_vllm:
-        vllm.update(vllm_mode=cfg.vllm_mode, vllm_server_base_url=cfg.vllm_server_base_url,
-                    vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-    args = GRPOConfig(
-        **common_args(recipe, cfg, out),
-        **vllm,
-        warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        steps_per_generation=cfg.steps_per_generation,
-        num_generations=cfg.num_generations,
-        max_completion_length=cfg.max_completion_length,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        beta=cfg.beta,
-        epsilon=cfg.epsilon,
-        epsilon_high=cfg.epsilon_high,
-        loss_type=cfg.loss_type,
-        scale_rewards=cfg.scale_rewards,
-        mask_truncated_completions=cfg.mask_truncated_completions,
-        num_iterations=cfg.num_iterations,
-        multi_objective_aggregation=cfg.multi_objective_aggregation,
-        reward_weights=[spec.weight for spec in cfg.rewards],
-        # Merged-weight rollouts sample without dropout; the learning forward must match them.
-        disable_dropout=cfg.disable_dropout,
-    )
+    args = trl_config(GRPOConfig, "grpo", config_kwargs(recipe, out), cfg.trl)
     # The model comes after the arguments: they set up the distributed state, under which
     # from_pretrained partitions weights as they load (ZeRO-3's zero.Init) or loads them on rank 0
     # only (FSDP's CPU-RAM-efficient loading), instead of a whole copy in every process.

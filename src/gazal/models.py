@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -167,10 +168,25 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     return tok
 
 
-def load_model(path: str, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False):
-    """A causal LM from a local folder or hub id."""
+def load_model(path: str, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False,
+               **kwargs: Any):
+    """A causal LM from a local folder or hub id; `kwargs` go to `from_pretrained` (see `model_kwargs`)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), revision=revision, trust_remote_code=trust_remote_code
+        path, dtype=getattr(torch, dtype), revision=revision, trust_remote_code=trust_remote_code, **kwargs
     )
+
+
+# from_pretrained arguments that have recipe keys of their own.
+OWN_MODEL_KWARGS = {"dtype": "model.dtype", "torch_dtype": "model.dtype", "revision": "model.revision",
+                    "trust_remote_code": "model.trust_remote_code", "attn_implementation": "model.attn_implementation",
+                    "pretrained_model_name_or_path": "model.name_or_path"}
+
+
+def model_kwargs(model: Any) -> dict[str, Any]:
+    """The recipe's extra `from_pretrained` arguments (`model.attn_implementation`, `model.kwargs`)."""
+    extra = dict(model.kwargs)
+    if model.attn_implementation:
+        extra["attn_implementation"] = model.attn_implementation
+    return extra

@@ -5,6 +5,7 @@ Layout:
     sft/    adapter/ merged/ metrics.jsonl summary.json recipe.yaml DONE
     grpo/   adapter/ merged/ metrics.jsonl summary.json recipe.yaml DONE
     eval/   results.json <benchmark>/samples.jsonl recipe.yaml DONE
+    logs/   sft/ grpo/ eval/ (TensorBoard) wandb/ runs.json   with logging.report_to (gazal.trackers)
     report.md
 A stage's DONE file is written last; a stage without it is unfinished and runs again.
 """

@@ -14,9 +14,9 @@ from gazal.adapters import lora_config, upcast_dora_magnitudes
 from gazal.config import Recipe
 from gazal.data import load_sft_mixture
 from gazal.errors import GazalError
-from gazal.models import load_model, load_tokenizer
+from gazal.models import load_model, load_tokenizer, model_kwargs
 from gazal.monitor import JsonlMetrics
-from gazal.training import common_args, resume_checkpoint, train_and_save
+from gazal.training import common_args, resume_checkpoint, set_only, train_and_save, trl_config
 
 log = logging.getLogger(__name__)
 
@@ -55,31 +55,40 @@ def drop_overlong(examples: list[dict], tokenizer, max_length: int) -> tuple[lis
     return [{k: v for k, v in ex.items() if k != "where"} for ex in kept], [ex["where"] for ex in dropped]
 
 
+def config_kwargs(recipe: Recipe, out: Path, validation: bool) -> dict[str, Any]:
+    """SFTConfig arguments Gazal sets from the recipe (the `sft.trl` mapping adds the rest)."""
+    cfg = recipe.sft
+    eval_args: dict[str, Any] = {}
+    if validation:
+        eval_args = {"eval_strategy": "steps" if cfg.eval_steps else "epoch", "eval_steps": cfg.eval_steps,
+                     "per_device_eval_batch_size": cfg.per_device_train_batch_size}
+    return {
+        **common_args(recipe, cfg, out),
+        **eval_args,
+        "num_train_epochs": cfg.num_train_epochs,
+        "max_length": cfg.max_length,
+        "warmup_steps": cfg.warmup_steps,
+        "lr_scheduler_type": cfg.lr_scheduler_type,
+        "weight_decay": cfg.weight_decay,
+        "packing": cfg.packing,
+        "padding_free": cfg.padding_free,
+        "use_liger_kernel": cfg.use_liger_kernel,
+        # Keys left unset leave the field to TRL's default (or to `sft.trl`).
+        **set_only(max_grad_norm=cfg.max_grad_norm),
+    }
+
+
 def build_trainer(recipe: Recipe, out: Path, base: str, tokenizer, train: list[dict], validation: list[dict],
                   callbacks: list | None = None) -> SFTTrainer:
     """The SFTTrainer of this stage: chat data, DoRA/rsLoRA adapter, checkpoints and metrics under `out`."""
     cfg = recipe.sft
     tokenizer.padding_side = "right"  # training pads on the right; generation switches to left
-    eval_args: dict[str, Any] = {}
-    if validation:
-        eval_args = {"eval_strategy": "steps" if cfg.eval_steps else "epoch", "eval_steps": cfg.eval_steps,
-                     "per_device_eval_batch_size": cfg.per_device_train_batch_size}
-    args = SFTConfig(
-        **common_args(recipe, cfg, out),
-        **eval_args,
-        num_train_epochs=cfg.num_train_epochs,
-        max_length=cfg.max_length,
-        warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        weight_decay=cfg.weight_decay,
-        packing=cfg.packing,
-        padding_free=cfg.padding_free,
-        use_liger_kernel=cfg.use_liger_kernel,
-    )
+    args = trl_config(SFTConfig, "sft", config_kwargs(recipe, out, bool(validation)), cfg.trl)
     # The model comes after the arguments: they set up the distributed state, under which
     # from_pretrained partitions weights as they load (ZeRO-3's zero.Init) or loads them on rank 0
     # only (FSDP's CPU-RAM-efficient loading), instead of a whole copy in every process.
-    model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
+    model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code,
+                       **model_kwargs(recipe.model))
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from gazal import rundir
+from gazal import rundir, trackers
 from gazal.adapters import ParamSnapshot, save_adapter_and_merged
 from gazal.sharding import sharding_of
 from gazal.config import GRPOSettings, Recipe, SFTSettings
@@ -38,7 +38,7 @@ def common_args(recipe: Recipe, cfg: SFTSettings | GRPOSettings, out: Path) -> d
         "save_strategy": "steps" if cfg.save_steps else "no",
         "save_steps": cfg.save_steps or 500,
         "save_total_limit": cfg.save_total_limit,
-        "report_to": "none",
+        **trackers.training_args(recipe, out),  # report_to, run_name, project (logging section)
         "seed": recipe.seed,
         "data_seed": recipe.seed,
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinning is meaningless (and warns) on CPU
@@ -50,6 +50,82 @@ def common_args(recipe: Recipe, cfg: SFTSettings | GRPOSettings, out: Path) -> d
         # minutes for a collective is too short a margin for that.
         "ddp_timeout": 4 * 3600,
     }
+
+
+# TRL fields that Gazal sets from a key of its own named differently (a field named like a key of
+# the stage's section, e.g. grpo.temperature, points at that key).
+OWN_TRL_FIELDS = {
+    "output_dir": "--run-dir", "report_to": "logging.report_to", "run_name": "logging.run_name",
+    "logging_dir": "logging.logging_dir", "project": "logging.project", "seed": "seed", "data_seed": "seed",
+    "reward_weights": "grpo.rewards (each component's weight)", "reward_funcs": "grpo.rewards",
+    "save_strategy": "{stage}.save_steps", "eval_strategy": "sft.eval_steps",
+    "per_device_eval_batch_size": "sft.per_device_train_batch_size",
+    "use_cpu": "the launch (Gazal sets it: DDP over gloo without GPUs)", "ddp_timeout": "Gazal (4 hours)",
+    "dataloader_pin_memory": "Gazal (pinned only with CUDA)",
+}
+
+
+def check_trl_fields(config_cls: type, stage: str, own: set[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """`<stage>.trl` entries checked against TRL's dataclass: the field exists, Gazal does not set it
+    (`own`: the stage section's keys and the arguments Gazal builds), and its value has the field's
+    type (coerced as pydantic's lax mode does: 0.5 for "0.5", never for "abc"). Raises GazalError
+    naming the key; returns the coerced values."""
+    import dataclasses
+    import difflib
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    hints = typing.get_type_hints(config_cls)
+    out = {}
+    for key, value in extra.items():
+        where = f"{stage}.trl.{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3)
+            raise GazalError(f"{where}: {config_cls.__name__} has no field '{key}'"
+                             + (f" (closest: {', '.join(close)})" if close else ""))
+        if key in own or key in OWN_TRL_FIELDS:
+            mine = OWN_TRL_FIELDS.get(key, f"{stage}.{key}").format(stage=stage)
+            raise GazalError(f"{where}: Gazal sets {key} from {mine}; set that instead")
+        try:
+            adapter = TypeAdapter(hints[key])
+        except Exception:  # a type pydantic cannot describe: the dataclass's own checks below remain
+            out[key] = value
+            continue
+        try:
+            out[key] = adapter.validate_python(value)
+        except ValidationError as exc:
+            raise GazalError(f"{where}: {exc.errors()[0]['msg']} (got {value!r}; {config_cls.__name__}.{key} is "
+                             f"{hints[key]})") from None
+    if out:
+        import tempfile
+
+        # The dataclass's own checks (__post_init__) on these values, before any training starts;
+        # bf16 off, as TRL's default of on is refused on a machine without a GPU (where `gazal
+        # validate` may well run), and the recipe's own bf16 key is not what is checked here.
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                config_cls(output_dir=tmp, bf16=False, **out)
+            except (TypeError, ValueError) as exc:
+                raise GazalError(f"{stage}.trl: {config_cls.__name__} refuses {sorted(out)}: {exc}") from None
+    return out
+
+
+def set_only(**values: Any) -> dict[str, Any]:
+    """The arguments whose recipe key is set (None: leave the field to TRL's default or `trl:`)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def own_fields(stage: str, managed: dict[str, Any]) -> set[str]:
+    """What a `<stage>.trl` mapping may not set: the arguments Gazal builds from the recipe (a
+    first-class key left unset is not among them, so `trl:` may set that field instead)."""
+    return set(managed)
+
+
+def trl_config(config_cls: type, stage: str, managed: dict[str, Any], extra: dict[str, Any]):
+    """TRL's config for a stage: Gazal's arguments plus the recipe's checked `<stage>.trl` fields."""
+    return config_cls(**managed, **check_trl_fields(config_cls, stage, own_fields(stage, managed), extra))
 
 
 def resume_checkpoint(out: Path) -> str:
@@ -126,8 +202,12 @@ def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[
                          "adapter gathered whole (see src/gazal/accelerate/fsdp.yaml)")
     check = ChangeCheck()
     trainer.add_callback(check)
+    close_trackers = trackers.start(trainer, recipe, run_dir, stage, resumed=resume_from is not None)
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        close_trackers()
     summary = {**summary, "steps": result.global_step, "train_loss": result.training_loss,
                "resumed_from": resume_from, "processes": trainer.accelerator.num_processes,
                "sharding": sharding_of(trainer.model), "seconds": round(time.time() - start, 1),
