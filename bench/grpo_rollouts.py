@@ -28,7 +28,7 @@ def one(mode: str, steps: int, tokens: int, model_name: str) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from gazal import config
+    from gazal import recipes
     from gazal.adapters import lora_config
     from gazal.data import load_grpo_items
     from gazal.grpo import GazalGRPOTrainer
@@ -36,7 +36,7 @@ def one(mode: str, steps: int, tokens: int, model_name: str) -> dict:
     from gazal.rewards import resolve_reward
     from gazal.tasks import messages
 
-    recipe = config.load_recipe("demo", [f"model.name_or_path={model_name}"])
+    recipe = recipes.load_recipe("demo", [f"model.name_or_path={model_name}"])
     path = resolve_model(model_name)
     tok = load_tokenizer(path)
     items = load_grpo_items("seed:grpo")[: steps + 1]
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--one", choices=["gazal", "trl", "base"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tokens is None:
-        from gazal.config import load_recipe
+        from gazal.recipes import load_recipe
 
         args.tokens = load_recipe("demo").grpo.max_completion_length
     if args.one:

@@ -15,7 +15,7 @@ import itertools
 import time
 
 from gazal.audit import audit_set, hacks, honest, reward_tokenizer
-from gazal.config import load_recipe
+from gazal.recipes import load_recipe
 from gazal import rewards
 from gazal.rewards import RewardSet, resolve_reward
 from gazal.tasks import messages

@@ -50,12 +50,12 @@ def one(name: str, steps: int, model: str) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from gazal import config
+    from gazal import recipes
     from gazal.data import load_sft_mixture
     from gazal.models import load_tokenizer, resolve_model
     from gazal.sft import build_trainer, drop_overlong, to_chat
 
-    recipe = config.load_recipe("demo", [f"model.name_or_path={model}", f"sft.max_steps={steps + 1}",
+    recipe = recipes.load_recipe("demo", [f"model.name_or_path={model}", f"sft.max_steps={steps + 1}",
                                          "sft.save_steps=0", "sft.per_device_train_batch_size=4",
                                          "sft.gradient_accumulation_steps=1", "sft.max_length=768", *CONFIGS[name]])
     rows, _ = load_sft_mixture(recipe.data.sft, recipe.seed)

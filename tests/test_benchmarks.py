@@ -50,7 +50,7 @@ def test_offline_hub_is_unavailable_not_a_crash(monkeypatch):
 
 def test_eval_skips_what_it_cannot_load(tmp_path):
     from gazal import evaluate, rundir
-    from gazal.config import load_recipe
+    from gazal.recipes import load_recipe
 
     recipe = load_recipe("demo", ["model.name_or_path=gazal:tiny-qwen3", f"eval.benchmarks_dir={tmp_path}"])
     run_dir = tmp_path / "run"

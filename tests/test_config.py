@@ -4,19 +4,19 @@ import textwrap
 
 import pytest
 
-from gazal import config
+from gazal import config, recipes
 from gazal.cli import main
 from gazal.errors import GazalError
 
 
-@pytest.mark.parametrize("name", sorted(config.shipped_recipes()))
+@pytest.mark.parametrize("name", sorted(recipes.shipped_recipes()))
 def test_every_shipped_recipe_validates(name, capsys):
     assert main(["validate", "--config", name]) == 0
     assert "valid recipe" in capsys.readouterr().out
 
 
 def test_shipped_recipes_start_with_their_command():
-    for name, path in config.shipped_recipes().items():
+    for name, path in recipes.shipped_recipes().items():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# ") and "gazal" in first and name in first
 
@@ -75,28 +75,28 @@ def test_bad_recipes_exit_2_naming_the_key(tmp_path, capsys, text, expected):
 
 
 def test_overrides_apply_and_are_validated(tmp_path):
-    recipe = config.load_recipe("demo", ["sft.learning_rate=1e-4", "eval.limit=3", "grpo.rewards.1.weight=2"])
+    recipe = recipes.load_recipe("demo", ["sft.learning_rate=1e-4", "eval.limit=3", "grpo.rewards.1.weight=2"])
     assert recipe.sft.learning_rate == 1e-4 and recipe.eval.limit == 3 and recipe.grpo.rewards[1].weight == 2
     with pytest.raises(GazalError, match="sft.lora.r"):
-        config.load_recipe("demo", ["sft.lora.r=0"])
+        recipes.load_recipe("demo", ["sft.lora.r=0"])
     with pytest.raises(GazalError, match="unknown key 'sft.nope'"):
-        config.load_recipe("demo", ["sft.nope=1"])
+        recipes.load_recipe("demo", ["sft.nope=1"])
     # A scheduler transformers would only reject once training starts is caught here, by name.
     with pytest.raises(GazalError, match="grpo.lr_scheduler_type.*'constant'"):
-        config.load_recipe("demo", ["grpo.lr_scheduler_type=constnt"])
+        recipes.load_recipe("demo", ["grpo.lr_scheduler_type=constnt"])
 
 
 def test_unknown_recipe_name():
     with pytest.raises(GazalError, match="shipped"):
-        config.load_recipe("no-such-recipe")
+        recipes.load_recipe("no-such-recipe")
 
 
 def test_grpo_groups_may_span_processes(monkeypatch):
     # 2 completions per process: whole groups of 4 only when two processes sample together.
     with pytest.raises(GazalError, match="processes \\(1\\)"):
-        config.load_recipe("demo", ["grpo.per_device_train_batch_size=2"])
+        recipes.load_recipe("demo", ["grpo.per_device_train_batch_size=2"])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert config.load_recipe("demo", ["grpo.per_device_train_batch_size=2"]).grpo.per_device_train_batch_size == 2
+    assert recipes.load_recipe("demo", ["grpo.per_device_train_batch_size=2"]).grpo.per_device_train_batch_size == 2
 
 
 def test_evaluation_shorter_than_grpo_completions_is_warned(tmp_path, caplog):

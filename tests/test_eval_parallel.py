@@ -88,7 +88,7 @@ def test_vllm_replicas_get_their_own_gpus_and_shares(tmp_path, benchmarks_dir, m
     own tensor-parallel GPUs and share; a replica writes only its own batches. (No GPU here: the
     subprocesses are recorded, and one replica's entry point runs with the transformers backend.)"""
     from gazal import evaluate, rundir
-    from gazal.config import load_recipe
+    from gazal.recipes import load_recipe
 
     started = []
 

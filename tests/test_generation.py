@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from gazal.config import load_recipe
+from gazal.recipes import load_recipe
 from gazal.errors import GazalError
 from gazal.generation import Decoding, TransformersGenerator, VLLMGenerator, make_generator
 from gazal.models import TINY_QWEN3, resolve_model
@@ -91,10 +91,10 @@ def test_vllm_options_reach_the_engine_without_a_gpu(monkeypatch):
         seen["params"] = kwargs
         return types.SimpleNamespace(**kwargs)
 
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=sampling_params))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     recipe = load_recipe("demo", ["eval.backend=vllm", "eval.vllm_tensor_parallel_size=4", "eval.max_model_len=4096",
                                   "eval.preset=qwen3-thinking", "eval.chat_template_kwargs={enable_thinking: false}"])
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=sampling_params))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = VLLMGenerator("/models/x", recipe).generate(CONV, Decoding.of(recipe.eval, "reasoning"), seed=3)
     assert seen["llm"]["tensor_parallel_size"] == 4 and seen["llm"]["max_model_len"] == 4096
     assert seen["llm"]["model"] == "/models/x"

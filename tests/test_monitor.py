@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from gazal import config
+from gazal import recipes
 from gazal.config import MonitorSettings
 from gazal.monitor import RULES, Monitor, MonitorCallback
 
@@ -92,14 +92,14 @@ def test_an_episode_is_reported_once():
 
 
 def test_thresholds_and_actions_come_from_the_recipe():
-    recipe = config.load_recipe("demo", ["grpo.monitor.length_low=0.9", "grpo.monitor.actions={length_collapse: stop}"])
+    recipe = recipes.load_recipe("demo", ["grpo.monitor.length_low=0.9", "grpo.monitor.actions={length_collapse: stop}"])
     mild = _break(healthy(), 10, **{"completions/mean_length": lambda k, v: 160.0})  # 0.8 x start
     assert "length_collapse" not in fired(mild)
     monitor = Monitor(recipe.grpo.monitor)
     events = [e for t, row in enumerate(mild) for e in monitor.observe(t + 1, row)]
     assert [(e.rule, e.action) for e in events] == [("length_collapse", "stop")]
     with pytest.raises(Exception, match="grpo.monitor.actions"):
-        config.load_recipe("demo", ["grpo.monitor.actions={length_collapse: explode}"])
+        recipes.load_recipe("demo", ["grpo.monitor.actions={length_collapse: explode}"])
 
 
 class _State:
@@ -130,7 +130,7 @@ def _trained(tmp_path, steps: int):
     from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model
     from gazal.sft import build_trainer, to_chat
 
-    recipe = config.load_recipe("demo", ["model.name_or_path=gazal:tiny-qwen3", "sft.max_length=1536",
+    recipe = recipes.load_recipe("demo", ["model.name_or_path=gazal:tiny-qwen3", "sft.max_length=1536",
                                          "sft.learning_rate=1e-2", f"sft.max_steps={steps}", "sft.save_steps=1",
                                          "sft.save_total_limit=null", "sft.per_device_train_batch_size=1",
                                          "sft.lr_scheduler_type=linear"])

@@ -7,7 +7,7 @@ import pytest
 
 from gazal.audit import audit_set, hacks, honest, reward_tokenizer, run_audit
 from gazal.cli import main
-from gazal.config import load_recipe
+from gazal.recipes import load_recipe
 from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model
 from gazal.rewards import REWARDS, RewardSet, parse, resolve_reward
 from gazal.tasks import Item, messages

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gazal import config, rundir
+from gazal import recipes, rundir
 from gazal.cli import main
 from gazal.data import load_sft_mixture
 from gazal.errors import GazalError
@@ -22,11 +22,11 @@ TINY = ["model.name_or_path=gazal:tiny-qwen3", "sft.max_length=1536", "sft.learn
 
 
 def _recipe(*overrides):
-    return config.load_recipe("demo", [*TINY, *overrides])
+    return recipes.load_recipe("demo", [*TINY, *overrides])
 
 
 def _examples(n=4):
-    rows, _ = load_sft_mixture(config.load_recipe("demo").data.sft, seed=0, limit=n)
+    rows, _ = load_sft_mixture(recipes.load_recipe("demo").data.sft, seed=0, limit=n)
     return [to_chat(r, None) for r in rows]
 
 
@@ -165,7 +165,7 @@ def test_mixture_weights_columns_formats_and_held_out_split(tmp_path):
     a = _write_jsonl(tmp_path / "a.jsonl", [{"vignette": f"case {i}", "cot": "r", "final": "x"} for i in range(10)])
     chat = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(8)]
     pq.write_table(pa.Table.from_pylist(chat), tmp_path / "b.parquet")
-    recipe = config.load_recipe("demo", [
+    recipe = recipes.load_recipe("demo", [
         f"data.sft=[{{path: {a}, weight: 2, columns: {{case: vignette, reasoning: cot, answer: final}}}}, "
         f"{{path: {tmp_path / 'b.parquet'}, weight: 0.5}}]",
         "data.sft_validation_fraction=0.25"])
@@ -203,7 +203,7 @@ def test_bad_sft_data_exits_2_naming_file_line_and_field(tmp_path, capsys, rows,
 
 def test_unknown_column_mapping_is_a_recipe_error():
     with pytest.raises(GazalError, match=r"data.sft.0.columns"):
-        config.load_recipe("demo", ["data.sft=[{path: seed:sft, columns: {question: q}}]"])
+        recipes.load_recipe("demo", ["data.sft=[{path: seed:sft, columns: {question: q}}]"])
 
 
 def test_packing_trains_and_packs(tmp_path):

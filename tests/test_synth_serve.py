@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gazal import config, synth
+from gazal import recipes, synth
 from gazal.cli import main
 from gazal.models import TINY_QWEN3
 from gazal.serve import ChatModel, make_server
@@ -73,7 +73,7 @@ def _synth_recipe(base_url: str, out: Path, **over):
 
 
 def test_seeds_are_deterministic_and_keys_unique():
-    cfg = config.load_recipe("demo", ["synth.num_items=500"]).synth
+    cfg = recipes.load_recipe("demo", ["synth.num_items=500"]).synth
     a, b = synth.seeds(cfg, 1), synth.seeds(cfg, 1)
     assert [s.key for s in a] == [s.key for s in b]
     assert len({s.key for s in a}) == 500
@@ -116,7 +116,7 @@ def test_synth_against_gazal_serve_survives_a_kill(tmp_path):
     items = [r["key"] for r in _rows(out / "items.jsonl")]
     done = finals + items
     assert len(done) == len(set(done)) == 12  # no duplicates, nothing lost
-    assert set(done) == {s.key for s in synth.seeds(config.load_recipe("demo", args[4:]).synth, 42)}
+    assert set(done) == {s.key for s in synth.seeds(recipes.load_recipe("demo", args[4:]).synth, 42)}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["items"] + manifest["failed"] == 12 and manifest["tokens_this_run"]["completion"] > 0
     for path in out.iterdir():

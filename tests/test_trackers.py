@@ -11,7 +11,7 @@ import pytest
 
 from gazal import trackers
 from gazal.cli import main
-from gazal.config import load_recipe
+from gazal.recipes import load_recipe
 
 TINY = [
     "model.name_or_path=gazal:tiny-qwen3",

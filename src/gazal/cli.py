@@ -85,7 +85,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="which evaluation's samples to compare (default: reasoning)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed, used with several samples per item (default 0)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full comparison as JSON")
+    help_text = ("estimate each stage's memory per GPU (or host memory on CPU) and throughput before launching; "
+                 "exit 2 naming the key to change when the recipe cannot fit")
+    p = sub.add_parser("plan", help=help_text, description=help_text)
+    p.add_argument("--config", "-c", default="demo", metavar="RECIPE")
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs per node (0: plan a CPU run; default 1)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="memory of one GPU in GiB (e.g. 80)")
+    p.add_argument("--nodes", type=int, default=1, metavar="K", help="nodes of --gpus GPUs each (default 1)")
+    p.add_argument("--sharding", choices=("zero3", "fsdp", "ddp"), default=None,
+                   help="how training shards (default: zero3 on several GPUs, as the shipped DeepSpeed config; ddp on one)")
+    p.add_argument("--gpu-flops", type=float, default=None, metavar="TFLOPS",
+                   help="peak dense TFLOP/s of one GPU in the training dtype (default: H100 bf16, 989)")
+    p.add_argument("--cpu", action="store_true", help="plan a CPU run: peak host memory of each stage's process")
+    p.add_argument("--memory", type=float, default=None, metavar="GIB",
+                   help="with --cpu: host memory budget in GiB (default: this machine's)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. sft.max_length=4096")
     return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from gazal import plan
+
+    recipe = plan.load_recipe(args.config, args.overrides)
+    result = plan.plan(recipe, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, nodes=args.nodes,
+                       sharding=args.sharding, gpu_tflops=args.gpu_flops, cpu=args.cpu, memory_gib=args.memory)
+    print(plan.format_plan(result, args.config), flush=True)
+    plan.check(result, args.config)  # GazalError (exit 2) naming the key when it cannot fit
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -105,9 +131,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from gazal import config
+    from gazal import recipes
 
-    recipe = config.load_recipe(args.config, args.overrides)
+    recipe = recipes.load_recipe(args.config, args.overrides)
     if args.data_command == "synth":
         from gazal import synth
 
@@ -166,9 +192,9 @@ def _compare(args: argparse.Namespace) -> int:
 def _rewards(args: argparse.Namespace) -> int:
     import json
 
-    from gazal import audit, config
+    from gazal import audit, recipes
 
-    recipe = config.load_recipe(args.config, args.overrides)
+    recipe = recipes.load_recipe(args.config, args.overrides)
     tokenizer = audit.reward_tokenizer(recipe)
     if args.rewards_command == "audit":
         rows = audit.run_audit(recipe, tokenizer, args.questions)
@@ -228,7 +254,7 @@ def _run_stage(name: str, recipe, run_dir: Path, resume: bool = False) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from gazal import config, rundir
+    from gazal import config, recipes, rundir
 
     if args.command == "rewards":
         return _rewards(args)
@@ -238,6 +264,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.command == "data":
         return _data(args)
+    if args.command == "plan":
+        return _plan(args)
 
     if args.command == "score":
         from gazal.scoring import score_file
@@ -256,15 +284,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_dir = args.run_dir
         if run_dir is None:
-            run_dir = rundir.latest_run_dir(config.load_recipe(args.config or "demo", args.overrides))
+            run_dir = rundir.latest_run_dir(recipes.load_recipe(args.config or "demo", args.overrides))
         path = report.main(run_dir)
         print(path.read_text(encoding="utf-8"))
         return 0
 
-    recipe = config.load_recipe(args.config, args.overrides)
-    from gazal.checks import check_passthrough
-
-    check_passthrough(recipe)
+    recipe = recipes.load_recipe(args.config, args.overrides)
     if args.command == "validate":
         if args.explain:
             print("\n".join(config.explain()))

@@ -1,23 +1,19 @@
-"""The recipe: one typed, documented YAML file that drives every stage.
+"""The recipe's schema: one typed, documented section per stage, and the checks that need only
+the recipe itself (its validators). Loading a YAML file, overrides and the checks that look at files,
+installed packages and the training libraries are in `gazal.recipes`.
 
-Each field's docstring is its documentation (`gazal validate --explain` prints them). Unknown keys
-and bad values are rejected with the full dotted key, the file and line, and the reason.
+Each field's docstring is its documentation (`gazal validate --explain` prints them).
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import logging
-import os
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gazal.errors import GazalError
+from gazal.errors import RecipeError
+from gazal.tasks import TaskSettings
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +72,6 @@ class ModelSettings(_Section):
         if value is None or value in known or "/" in value:  # "/": a kernels-hub repository
             return value
         raise ValueError(f"unknown attention implementation (known: {', '.join(known)}, or a kernels-hub id)")
-
-
-class TaskSettings(_Section):
-    """How questions are put to the model; shared by GRPO and evaluation so they cannot drift."""
-
-    system_prompt: str | None = None
-    """System message placed before every question (None: the chat template's default)."""
-    mcq_instruction: str = (
-        "Think through the problem step by step inside <think> and </think>. "
-        "Then give the final answer on its own line as 'The answer is' followed by the option letter."
-    )
-    """Instruction appended after a multiple-choice question and its lettered options."""
-    yesno_instruction: str = (
-        "Think through the problem step by step inside <think> and </think>. "
-        "Then give the final answer on its own line as 'The answer is' followed by yes, no or maybe."
-    )
-    """Instruction appended after a yes/no/maybe question (PubMedQA)."""
 
 
 class SFTSource(_Section):
@@ -599,219 +578,42 @@ class Recipe(_Section):
     curate: CurateSettings = Field(default_factory=CurateSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def shipped_recipes() -> dict[str, Path]:
-    """Names of the recipes shipped inside the package, mapped to their files."""
-    folder = resources.files("gazal") / "recipes"
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
-
-
-def resolve_recipe_path(name_or_path: str) -> Path:
-    """A YAML path, or the name of a shipped recipe such as 'demo'."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise GazalError(f"{name_or_path}: recipe file not found")
-        return path
-    shipped = shipped_recipes()
-    if name_or_path in shipped:
-        return shipped[name_or_path]
-    raise GazalError(
-        f"{name_or_path}: no such recipe file, and not a shipped recipe (shipped: {', '.join(sorted(shipped))})"
-    )
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each dotted key path in a YAML document to its 1-based line, for error messages."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = path + (str(key.value),)
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, value in enumerate(node.value):
-                lines[path + (str(i),)] = value.start_mark.line + 1
-                walk(value, path + (str(i),))
-
-    root = yaml.compose(text)
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one 'dotted.key=value' override; the value is parsed as YAML (1e-4, true, [a, b])."""
-    if "=" not in override:
-        raise GazalError(f"override {override!r}: expected dotted.key=value")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise GazalError(f"override {override!r}: value is not valid YAML ({exc})") from None
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, {})
-        else:
-            raise GazalError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
-    last = parts[-1]
-    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-        node[int(last)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise GazalError(f"override {override!r}: {'.'.join(parts[:-1])} is not a section")
-
-
-def _describe(exc: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> str:
-    out = []
-    for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        key = ".".join(loc)
-        where = f"{source}:{lines[loc]}" if loc in lines else source
-        if err["type"] == "extra_forbidden":
-            model: Any = Recipe
-            for part in loc[:-1]:
-                field = model.model_fields.get(part) if isinstance(model, type) else None
-                ann = field.annotation if field else None
-                model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-                if model is None:
-                    break
-            hint = ""
-            if model is not None:
-                close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
-                hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else ""
-            out.append(f"{where}: unknown key '{key}'{hint}")
-        else:
-            out.append(f"{where}: {key}: {err['msg']} (got {err.get('input')!r})")
-    return "invalid recipe:\n  " + "\n  ".join(out)
-
-
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a recipe, applying dotted overrides; raises GazalError naming the key."""
-    path = resolve_recipe_path(name_or_path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-        lines = _key_lines(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise GazalError(f"{where}: broken YAML: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise GazalError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    for override in overrides or []:
-        apply_override(data, override)
-        # An overridden key's problem is on the command line, not on its line in the file.
-        key = tuple(override.split("=", 1)[0].strip().split("."))
-        lines = {k: v for k, v in lines.items() if k[: len(key)] != key}
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise GazalError(_describe(exc, str(path), lines)) from None
-    check_files(recipe, str(path), lines)
-    return recipe
-
-
-def check_files(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, ...], int] | None = None) -> None:
-    """Fail early, naming the key, when a recipe points at a local file or folder that is missing."""
-    lines = lines or {}
-
-    def where(*key: str) -> str:
-        # The nearest key that has a line: 'data.sft.0' written as a bare string sits on 'data.sft'.
-        for n in range(len(key), 0, -1):
-            if key[:n] in lines:
-                return f"{source}:{lines[key[:n]]}"
-        return source
-
-    paths = [(("data", "grpo"), recipe.data.grpo)]
-    paths += [(("data", "sft", str(i)), src.path) for i, src in enumerate(recipe.data.sft)]
-    for key, value in paths:
-        if value.startswith("seed:"):
-            continue
-        looks_local = value.endswith((".jsonl", ".json", ".parquet")) or value.startswith((".", "/", "~"))
-        if looks_local and not Path(value).expanduser().is_file():
-            raise GazalError(f"{where(*key)}: {'.'.join(key)}: file not found: {value}")
-    for i, tracker in enumerate(recipe.logging.report_to):
-        # Here, not when the trainer starts: transformers would fail only once training begins.
-        modules, install = TRACKER_PACKAGES.get(tracker, ((), ""))
-        if modules and not any(importlib.util.find_spec(m) for m in modules):
-            raise GazalError(f"{where('logging', 'report_to', str(i))}: logging.report_to: {tracker} is not "
-                             f"installed; `{install}` (or `pip install 'gazal[trackers]'`), or drop it from the list")
-    bdir = recipe.eval.benchmarks_dir
-    if bdir is not None and not Path(bdir).expanduser().is_dir():
-        raise GazalError(f"{where('eval', 'benchmarks_dir')}: eval.benchmarks_dir: directory not found: {bdir}")
-    from gazal.rewards import resolve_reward  # late import: rewards imports the answer extractor
-
-    for i, spec in enumerate(recipe.grpo.rewards):
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        """Keys that are each valid but cannot run together: refused naming the key (RecipeError
+        carries it past pydantic, so the loader can add the file and line)."""
+        e, g = self.eval, self.grpo
+        if e.num_samples > 1 and e.temperature == 0:
+            raise RecipeError(("eval", "num_samples"), "eval.num_samples > 1 needs eval.temperature > 0 (greedy "
+                              "decoding gives the same completion every time)")
+        if e.vllm_data_parallel_size > 1 and e.backend != "vllm":
+            raise RecipeError(("eval", "vllm_data_parallel_size"), "eval.vllm_data_parallel_size needs "
+                              "eval.backend=vllm; with transformers, launch `gazal eval` under accelerate launch / "
+                              "torchrun and every process evaluates its share")
         try:
-            resolve_reward(spec.name, spec.params, max_completion_length=recipe.grpo.max_completion_length)
-        except (GazalError, TypeError, ValueError) as exc:
-            raise GazalError(f"{where('grpo', 'rewards', str(i))}: grpo.rewards.{i} ({spec.name}): {exc}") from None
-    if recipe.eval.num_samples > 1 and recipe.eval.temperature == 0:
-        raise GazalError(f"{where('eval', 'num_samples')}: eval.num_samples > 1 needs eval.temperature > 0 "
-                         "(greedy decoding gives the same completion every time)")
-    e = recipe.eval
-    if e.vllm_data_parallel_size > 1 and e.backend != "vllm":
-        raise GazalError(f"{where('eval', 'vllm_data_parallel_size')}: eval.vllm_data_parallel_size needs "
-                         "eval.backend=vllm; with transformers, launch `gazal eval` under accelerate launch / torchrun "
-                         "and every process evaluates its share")
-    try:
-        e.direct_instruction.format(what="option letter")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise GazalError(f"{where('eval', 'direct_instruction')}: eval.direct_instruction: only {{what}} may appear "
-                         f"in braces ({exc!r})") from None
-    g = recipe.grpo
-    names = [spec.name for spec in g.rewards]
-    for i, spec in enumerate(g.rewards):
-        if spec.only_when_accuracy_varies and (spec.name == "accuracy" or "accuracy" not in names):
-            raise GazalError(f"{where('grpo', 'rewards', str(i), 'only_when_accuracy_varies')}: grpo.rewards.{i} ({spec.name}): "
-                             "only_when_accuracy_varies needs an 'accuracy' component to gate on, and cannot be "
-                             "set on accuracy itself")
-    if g.enabled and recipe.eval.enabled and recipe.eval.max_new_tokens < g.max_completion_length:
-        # A warning, not a refusal: short evaluations are legitimate (smoke tests, direct answers).
-        log.warning("%s: eval.max_new_tokens=%d is below grpo.max_completion_length=%d: evaluation cuts off "
-                    "completions the trained model was paid to write (an unclosed <think> scores as no answer)",
-                    where("eval", "max_new_tokens"), recipe.eval.max_new_tokens, g.max_completion_length)
-    if g.multi_objective_aggregation == "normalize_then_sum" and g.scale_rewards != "group":
-        raise GazalError(f"{where('grpo', 'scale_rewards')}: grpo.scale_rewards={g.scale_rewards} has no effect with "
-                         "grpo.multi_objective_aggregation=normalize_then_sum (TRL normalises each component per "
-                         "group and the sum over the batch); leave scale_rewards at 'group'")
-    if g.use_vllm and g.vllm_mode == "server" and (g.vllm_tensor_parallel_size or 1) > 1:
-        raise GazalError(f"{where('grpo', 'vllm_tensor_parallel_size')}: grpo.vllm_tensor_parallel_size applies to "
-                         "vllm_mode colocate; a vLLM server takes its own --tensor-parallel-size")
-    if g.importance_sampling_level == "sequence" and g.loss_type != "grpo":
-        # Runnable, but not GSPO: TRL warns as well.
-        log.warning("%s: grpo.importance_sampling_level=sequence with loss_type %s sums per-token terms, weighting "
-                    "each sequence by its length; the GSPO paper's objective is loss_type grpo",
-                    where("grpo", "importance_sampling_level"), g.loss_type)
-    if g.lora.dropout > 0 and not g.disable_dropout:
-        raise GazalError(
-            f"{where('grpo', 'lora', 'dropout')}: grpo.lora.dropout={g.lora.dropout} with grpo.disable_dropout "
-            "false: rollouts sample without dropout, so the policy that learns would not be the one that "
-            "sampled; set grpo.lora.dropout=0 or grpo.disable_dropout=true")
-    # TRL samples per_device_train_batch_size x processes x steps_per_generation completions at once,
-    # whole groups only (a group may span processes). WORLD_SIZE is set under accelerate launch/torchrun.
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if g.per_device_train_batch_size * processes * (g.steps_per_generation or g.gradient_accumulation_steps) \
-            % g.num_generations:
-        raise GazalError(
-            f"{where('grpo', 'num_generations')}: grpo.num_generations ({g.num_generations}) must divide "
-            f"grpo.per_device_train_batch_size x processes ({processes}) x grpo.steps_per_generation "
-            "(default: gradient_accumulation_steps)"
-        )
+            e.direct_instruction.format(what="option letter")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise RecipeError(("eval", "direct_instruction"), "eval.direct_instruction: only {what} may appear in "
+                              f"braces ({exc!r})") from None
+        names = [spec.name for spec in g.rewards]
+        for i, spec in enumerate(g.rewards):
+            if spec.only_when_accuracy_varies and (spec.name == "accuracy" or "accuracy" not in names):
+                raise RecipeError(("grpo", "rewards", str(i), "only_when_accuracy_varies"),
+                                  f"grpo.rewards.{i} ({spec.name}): only_when_accuracy_varies needs an 'accuracy' "
+                                  "component to gate on, and cannot be set on accuracy itself")
+        if g.multi_objective_aggregation == "normalize_then_sum" and g.scale_rewards != "group":
+            raise RecipeError(("grpo", "scale_rewards"), f"grpo.scale_rewards={g.scale_rewards} has no effect with "
+                              "grpo.multi_objective_aggregation=normalize_then_sum (TRL normalises each component "
+                              "per group and the sum over the batch); leave scale_rewards at 'group'")
+        if g.use_vllm and g.vllm_mode == "server" and (g.vllm_tensor_parallel_size or 1) > 1:
+            raise RecipeError(("grpo", "vllm_tensor_parallel_size"), "grpo.vllm_tensor_parallel_size applies to "
+                              "vllm_mode colocate; a vLLM server takes its own --tensor-parallel-size")
+        if g.lora.dropout > 0 and not g.disable_dropout:
+            raise RecipeError(("grpo", "lora", "dropout"), f"grpo.lora.dropout={g.lora.dropout} with "
+                              "grpo.disable_dropout false: rollouts sample without dropout, so the policy that "
+                              "learns would not be the one that sampled; set grpo.lora.dropout=0 or "
+                              "grpo.disable_dropout=true")
+        return self
 
 
 def explain(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:

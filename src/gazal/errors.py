@@ -16,3 +16,11 @@ class TrainingStopped(GazalError):
     """A training monitor rule stopped the run; the message says which rule and why. Exit status 1."""
 
     exit_code = 1
+
+
+class RecipeError(GazalError):
+    """A recipe key that cannot run with the others; `key` is its dotted path, for the file and line."""
+
+    def __init__(self, key: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.key = key

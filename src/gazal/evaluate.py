@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 
 from gazal import rundir, trackers
 from gazal.benchmarks import PAPER, BenchmarkUnavailable, benchmarks_dir, describe, load_benchmark, select
-from gazal.config import Recipe, load_recipe
+from gazal.config import Recipe
+from gazal.recipes import load_recipe
 from gazal.errors import GazalError
 from gazal.generation import Decoding, make_generator
 from gazal.scoring import metrics
-from gazal.tasks import DirectPrompts, Item, messages, score
+from gazal.tasks import Item, direct_task, messages, score
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def batches(items: list[Item], recipe: Recipe, mode: str) -> list[list[Item]]:
 
 
 def _task(recipe: Recipe, mode: str):
-    return DirectPrompts.of(recipe.task, recipe.eval.direct_instruction) if mode == "direct" else recipe.task
+    return direct_task(recipe.task, recipe.eval.direct_instruction) if mode == "direct" else recipe.task
 
 
 def _folder(out: Path, name: str, mode: str) -> Path:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from gazal.answer import YES_NO_MAYBE, Extraction, extract_answer, is_correct
 
@@ -34,17 +36,28 @@ class Item:
         return asdict(self)
 
 
-class TaskPrompts(Protocol):
-    """What a task needs of the recipe to put a question (config.TaskSettings is one). A protocol
-    rather than an import: config validates rewards, rewards score through tasks, so tasks must
-    not import config."""
+class TaskSettings(BaseModel):
+    """How questions are put to the model; shared by GRPO and evaluation so they cannot drift.
 
-    system_prompt: str | None
-    mcq_instruction: str
-    yesno_instruction: str
+    The recipe's `task` section, defined here beside the code that uses it."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    system_prompt: str | None = None
+    """System message placed before every question (None: the chat template's default)."""
+    mcq_instruction: str = (
+        "Think through the problem step by step inside <think> and </think>. "
+        "Then give the final answer on its own line as 'The answer is' followed by the option letter."
+    )
+    """Instruction appended after a multiple-choice question and its lettered options."""
+    yesno_instruction: str = (
+        "Think through the problem step by step inside <think> and </think>. "
+        "Then give the final answer on its own line as 'The answer is' followed by yes, no or maybe."
+    )
+    """Instruction appended after a yes/no/maybe question (PubMedQA)."""
 
 
-def user_text(item: Item, task: TaskPrompts) -> str:
+def user_text(item: Item, task: TaskSettings) -> str:
     """The question as the user turn: context, question, lettered options, instruction."""
     parts = []
     if item.context:
@@ -58,7 +71,7 @@ def user_text(item: Item, task: TaskPrompts) -> str:
     return "\n\n".join(parts)
 
 
-def messages(item: Item, task: TaskPrompts) -> list[dict[str, str]]:
+def messages(item: Item, task: TaskSettings) -> list[dict[str, str]]:
     """Chat messages for one item (system prompt only when the recipe sets one)."""
     msgs = []
     if task.system_prompt:
@@ -109,15 +122,7 @@ def decode_completion(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode([i for i in ids if i not in dropped], skip_special_tokens=False)
 
 
-@dataclass(frozen=True)
-class DirectPrompts:
-    """The task's prompts with the reasoning instruction replaced by a direct-answer one."""
-
-    system_prompt: str | None
-    mcq_instruction: str
-    yesno_instruction: str
-
-    @classmethod
-    def of(cls, task: TaskPrompts, instruction: str) -> DirectPrompts:
-        return cls(task.system_prompt, instruction.format(what="option letter"),
-                   instruction.format(what="yes, no or maybe"))
+def direct_task(task: TaskSettings, instruction: str) -> TaskSettings:
+    """The task with its reasoning instruction replaced by a direct-answer one ({what}: what to give)."""
+    return task.model_copy(update={"mcq_instruction": instruction.format(what="option letter"),
+                                   "yesno_instruction": instruction.format(what="yes, no or maybe")})

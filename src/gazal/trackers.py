@@ -15,7 +15,7 @@ stage; this module adds what they do not know about:
   n, truncation_rate, mean_completion_tokens, and eval/<benchmark>/direct/... for the direct mode.
 
 Only the main process talks to trackers. Which packages are installed is checked when the recipe is
-validated (config.check_files), not here.
+validated (recipes.check), not here.
 """
 
 from __future__ import annotations
