@@ -104,9 +104,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from gazal import plan
+    from gazal import plan, recipes
 
-    recipe = plan.load_recipe(args.config, args.overrides)
+    recipe = recipes.load_recipe(args.config, args.overrides)
     result = plan.plan(recipe, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, nodes=args.nodes,
                        sharding=args.sharding, gpu_tflops=args.gpu_flops, cpu=args.cpu, memory_gib=args.memory)
     print(plan.format_plan(result, args.config), flush=True)

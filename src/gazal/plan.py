@@ -17,8 +17,9 @@ autocast, else b):
   magnitude vector of out; all-linear is q, k, v, o, gate, up, down. Adapter, gradients and AdamW
   take 16 bytes a parameter (ZeRO-3: bf16 adapter and gradient, fp32 master copy and two fp32
   moments; DDP/FSDP/CPU: PEFT keeps adapters in fp32, fp32 gradient and two moments), / N.
-- activations saved for the backward, per token and layer (elements, counted on the saved-tensor
-  hooks of SmolLM2 and the tiny Qwen3 within 2%; see tests/test_plan.py): 2h (the two RMSNorm inputs)
+- activations saved for the backward, per token and layer (elements; against the tensors autograd
+  keeps, counted with saved-tensor hooks: within 1% on SmolLM2, 5% on the tiny Qwen3 in
+  tests/test_plan.py): 2h (the two RMSNorm inputs)
   + 2q + 2k (attention's q, k, v and output) + 3i (gate, up, act(gate)) + q + k for Qwen3's q/k norms,
   plus what the adapters keep: without dropout the inputs they read (h for q/k/v, h for gate/up, i for
   down) and r per adapted linear; with dropout each adapted linear's own dropped input and its mask
@@ -31,13 +32,16 @@ autocast, else b):
   of the hidden states (T x h x 4); on CPU (torch fallback) about 6 fp32 tiles (measured).
 - DoRA forward temporaries: PEFT builds an in x in identity, B A and W + s B A for each linear:
   (in^2 + 3 in x out) x a for the largest one.
-- GRPO rollouts with transformers: every process generates per_device_train_batch_size x
-  steps_per_generation completions at once, with the whole model gathered (ZeRO-3 / FSDP2: P b more),
-  a merged copy of the linear weights when merged_rollouts (DoRA's merge writes new tensors; without
-  sharding the originals are cloned too), and a KV cache of sequences x (prompt + completion) x
-  L x kv_heads x head_dim x 2 x b. With vLLM colocated, vLLM holds vllm_gpu_memory_utilization of the
-  GPU (weights / TP and KV cache inside it); syncing the merged adapter into vLLM under ZeRO-3 gathers
-  the whole model too (TRL gathers every parameter at once for PEFT models).
+- GRPO, in phases. Rollouts with transformers: every process generates per_device_train_batch_size
+  x steps_per_generation completions at once, with the whole model gathered (ZeRO-3 / FSDP2: P b
+  more), a merged copy of the linear weights when merged_rollouts (DoRA's merge writes new tensors
+  and Gazal keeps the originals; without sharding the originals are also cloned), and a KV cache of
+  sequences x (prompt + completion) x L x kv_heads x head_dim x 2 x b. With vLLM colocated, vLLM
+  holds vllm_gpu_memory_utilization of each GPU (weights / TP and KV cache inside it) while it
+  generates, and through training unless vllm_enable_sleep_mode. The weight sync: under ZeRO-3 TRL
+  gathers every parameter at once to merge a PEFT adapter (P b more, beside vLLM's weights); under
+  FSDP it reads one parameter at a time; PEFT's merge rewrites one layer at a time. Training: as SFT,
+  on per_device_train_batch_size x (prompt + max_completion_length) tokens.
 - evaluation with vLLM: per GPU, weights / TP inside gpu_memory_utilization x memory, 4 GiB of vLLM
   overhead (profiled activations, CUDA graphs; assumed), the rest is KV cache at
   L x ceil(kv_heads / TP) x head_dim x 2 x b bytes a token; with transformers, the whole model per
@@ -49,7 +53,8 @@ transformers backend loads on CPU), plus the process baseline (torch + transform
 datasets imported, tokenizer and data loaded), the end-of-stage merge (the base model loaded again
 to merge the adapter into) landing on top of the activation memory glibc keeps in its heap, and an
 allocator slack of CPU_SLACK x (weights + activations + KV cache), all measured on this project's
-CPU runs (bench/plan_accuracy.py).
+CPU runs (bench/plan_accuracy.py). On CPU, attention over rows with a mask (packed, padded, GRPO)
+takes SDPA's math path, which keeps K and V repeated to every head and a row of scores per token.
 
 Throughput is an estimate from FLOPs alone: training 6 P a token (8 P with gradient checkpointing),
 decoding 2 P a token, at MFU_RANGE of the per-GPU peak (--gpu-flops, default H100 bf16 dense);
@@ -439,14 +444,15 @@ class Plan:
         return self.gpus * self.nodes
 
 
-def _row_key(stage: str, recipe: Recipe, row: str, phase: Phase) -> str:
+def _row_key(stage: str, row: str, phase: Phase) -> str:
     return phase.hint.get(row) or {"sft": "sft.per_device_train_batch_size", "grpo": "grpo.per_device_train_batch_size",
                                    "eval": "eval.batch_size"}[stage]
 
 
 def _training_rows(recipe: Recipe, arch: Arch, stage: str, tokens: int, cpu: bool, shards: int, sharding: str,
-                   dtype_bytes: int, row: int) -> tuple[dict[str, float], dict[str, str]]:
-    """The parts of a training micro-batch (SFT or GRPO), per GPU or per CPU process."""
+                   dtype_bytes: int, row_tokens: int) -> tuple[dict[str, float], dict[str, str]]:
+    """The parts of a training micro-batch (SFT or GRPO), per GPU or per CPU process; rows of
+    `row_tokens` tokens."""
     cfg = getattr(recipe, stage)
     lora = cfg.lora
     act_bytes = 2 if (cfg.bf16 and not cpu) else dtype_bytes
@@ -455,7 +461,7 @@ def _training_rows(recipe: Recipe, arch: Arch, stage: str, tokens: int, cpu: boo
     # Rows carry an attention mask when packed, padded to each other, or (GRPO) padded prompts and completions.
     masked = stage == "grpo" or cfg.packing or cfg.padding_free or cfg.per_device_train_batch_size > 1
     per_token_layer = activation_elems(arch, lora, dropout, mask_bytes, act_bytes,
-                                       row if (cpu and masked) else None) * act_bytes
+                                       row_tokens if (cpu and masked) else None) * act_bytes
     rows: dict[str, float] = {"weights": arch.params() * dtype_bytes / shards}
     if sharding in ("zero3", "fsdp") and shards > 1:
         rows["gathered layers"] = (2 * arch.layer_params() + arch.vocab * arch.hidden) * dtype_bytes
@@ -479,8 +485,8 @@ def _training_rows(recipe: Recipe, arch: Arch, stage: str, tokens: int, cpu: boo
         hint["activations"] = f"{stage}.gradient_checkpointing (or {stage}.per_device_train_batch_size)"
     if cfg.per_device_train_batch_size == 1:
         length_key = "sft.max_length" if stage == "sft" else "grpo.max_completion_length"
-        for row in ("layer working set", "LM head tiles"):
-            hint[row] = length_key
+        for part in ("layer working set", "LM head tiles"):
+            hint[part] = length_key
         if cfg.gradient_checkpointing:
             hint["activations"] = length_key
     return rows, hint
@@ -533,7 +539,8 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory_gib: float | None = None, nod
     sft_tokens = s.per_device_train_batch_size * s.max_length
     rows, hint = _training_rows(recipe, arch, "sft", sft_tokens, cpu, shards, sharding, b, s.max_length)
     lines.append(f"sft: {s.per_device_train_batch_size} x {s.max_length} = {sft_tokens} tokens a micro-batch "
-                 f"(sft.per_device_train_batch_size x sft.max_length; every row full, as packing makes them), "
+                 f"(sft.per_device_train_batch_size x sft.max_length: rows assumed full, exact with "
+                 f"sft.packing, an upper bound without{'' if s.packing else ', as here'}), "
                  f"adapter {_count(adapter_params(arch, s.lora))} parameters (r={s.lora.r}"
                  f"{', DoRA' if s.lora.use_dora else ''}), gradient checkpointing "
                  f"{'on' if s.gradient_checkpointing else 'off'}")
@@ -715,8 +722,9 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory_gib: float | None = None, nod
 
 def _cpu_save(rows: dict[str, float], arch: Arch, b: int, stage: str) -> dict[str, float]:
     """CPU end of a training stage: the base loaded again to merge into, on top of the heap glibc kept."""
+    # The activations are freed by now, but glibc keeps them in its heap (allocations under its
+    # 32 MiB mmap threshold), so the merge lands on top of them.
     save = {k: rows[k] for k in ("weights", "adapter + grads + AdamW", "activations")}
-    save["activations"] = rows["activations"]  # freed, but kept in glibc's heap (allocations under 32 MiB)
     merge = arch.params() * b
     return _cpu_extra({**save, "merge at save (base loaded again)": merge}, stage, merge)
 
@@ -817,7 +825,7 @@ def failures(p: Plan, name: str | None = None) -> list[str]:
             continue
         row = max(ph.rows, key=lambda r: ph.rows[r] if r not in ("process baseline", "allocator slack",
                                                                   "CUDA context + NCCL") else -1)
-        key = _row_key(ph.stage, p.recipe, row, ph)
+        key = _row_key(ph.stage, row, ph)
         out.append(f"{ph.name} needs {ph.total / GIB:.1f} GiB {unit}, over the {ph.budget / GIB:g} GiB budget; its "
                    f"largest part is {row} ({ph.rows[row] / GIB:.1f} GiB): change {key}")
     return out
@@ -837,12 +845,3 @@ def check(p: Plan, name: str | None = None) -> None:
     bad = failures(p, name)
     if bad:
         raise GazalError(f"{name or p.recipe.name} does not fit:\n  " + "\n  ".join(bad))
-
-
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """The recipe, loaded the way the CLI loads it."""
-    try:
-        from gazal.recipes import load_recipe as load
-    except ImportError:  # before recipes were split out of gazal.config
-        from gazal.config import load_recipe as load  # type: ignore[attr-defined,no-redef]
-    return load(name_or_path, overrides)
