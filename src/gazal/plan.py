@@ -564,7 +564,7 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory_gib: float | None = None, nod
                  f"(grpo.per_device_train_batch_size x steps_per_generation {spg})")
     rows, hint = _training_rows(recipe, arch, "grpo", grpo_tokens, cpu, shards, sharding, b, seq)
     persistent = {k: rows[k] for k in ("weights", "adapter + grads + AdamW")}
-    trl_args = getattr(g, "trl", {}) or {}
+    trl_args = g.trl
     gather = trl_args.get("ds3_gather_for_generation", True)
     rollout: dict[str, float] = dict(persistent)
     rhint = dict(hint)
@@ -594,8 +594,8 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory_gib: float | None = None, nod
         # vLLM: generation happens in vLLM; the training processes sync the merged adapter into it
         # every step. TRL merges a PEFT adapter with every parameter gathered at once under ZeRO-3;
         # under FSDP it reads one parameter at a time; PEFT's merge rewrites one layer at a time.
-        tp = getattr(g, "vllm_tensor_parallel_size", None) or 1
-        sleep = bool(getattr(g, "vllm_enable_sleep_mode", False))
+        tp = g.vllm_tensor_parallel_size or 1
+        sleep = bool(g.vllm_enable_sleep_mode)
         sync: dict[str, float] = dict(persistent)
         shint = dict(hint)
         vllm_weights = P * b / tp
@@ -645,7 +645,7 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory_gib: float | None = None, nod
         phases.append(Phase("grpo", "grpo save", _cpu_save(rows, arch, b, "grpo"), budget, g.enabled, hint=hint))
     else:
         train_rows = {**rows}
-        if colocated and not getattr(g, "vllm_enable_sleep_mode", False):
+        if colocated and not g.vllm_enable_sleep_mode:
             train_rows["vLLM (colocated)"] = colocated
             hint["vLLM (colocated)"] = "grpo.vllm_enable_sleep_mode (or grpo.vllm_gpu_memory_utilization)"
         if g.use_vllm:
