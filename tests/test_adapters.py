@@ -1,5 +1,6 @@
 """DoRA + rsLoRA adapters: merged rollouts generate what the adapter generates, and leave no trace."""
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -7,20 +8,24 @@ from gazal.adapters import MergedRollouts
 from gazal.models import TINY_QWEN3, load_model, load_tokenizer, resolve_model
 
 
-def _dora_model():
+def _dora_model(dora: bool = True):
     path = resolve_model(TINY_QWEN3)
     torch.manual_seed(0)
     # init_lora_weights=False: random A and B, so the adapter really changes the outputs.
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, use_rslora=True,
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora, use_rslora=True,
                      init_lora_weights=False)
     return get_peft_model(load_model(path), cfg), load_tokenizer(path)
 
 
-def test_merged_rollout_matches_adapter_and_restores_base_exactly():
-    model, tok = _dora_model()
+@pytest.mark.parametrize("dora", [True, False], ids=["dora", "lora"])
+def test_merged_rollout_matches_adapter_and_restores_base_exactly(dora):
+    # Plain LoRA's default merge adds into the base weight in place; with no copy of the base kept,
+    # only a merge into new tensors leaves it bit-exact, so both kinds are checked.
+    model, tok = _dora_model(dora)
     model.eval()
     ids = tok(["<|im_start|>user\nFever and cough?<|im_end|>\n"], return_tensors="pt")["input_ids"]
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    storage = {n: p.data_ptr() for n, p in model.named_parameters() if "base_layer" in n}
     with torch.no_grad():
         adapter_logits = model(ids).logits
         with model.disable_adapter():
@@ -35,5 +40,37 @@ def test_merged_rollout_matches_adapter_and_restores_base_exactly():
     for n, p in model.named_parameters():
         if "base_layer" in n:
             assert torch.equal(p, base_before[n]), n  # bit-exact, not merely close
+            assert p.data_ptr() == storage[n], n  # the very tensors, not copies of them
     assert not any(getattr(m, "merged", False) for m in model.modules())
     assert rollouts.calls == 2
+
+
+def test_zero_rate_adapter_dropout_becomes_identity_and_saves_the_second_base_projection(monkeypatch):
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from gazal.adapters import drop_inert_dropout
+
+    path = resolve_model(TINY_QWEN3)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear", use_dora=True,
+                     init_lora_weights=False)
+    model = get_peft_model(load_model(path), cfg)
+    disable_dropout_in_model(model)  # what TRL's disable_dropout does: rates 0, modules kept
+    model.train()
+    ids = torch.randint(0, 100, (1, 12))
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+
+    def forward():
+        calls.clear()
+        out = model(ids).logits
+        return out, len(calls)
+
+    before, n_before = forward()
+    layers = sum(1 for m in model.modules() if hasattr(m, "lora_dropout"))
+    assert drop_inert_dropout(model) == layers > 0
+    after, n_after = forward()
+    assert n_before - n_after == layers  # one base projection fewer per DoRA layer
+    assert torch.allclose(before, after, atol=1e-5)
+    assert drop_inert_dropout(model) == 0

@@ -94,9 +94,10 @@ def test_unknown_recipe_name():
 def test_grpo_groups_may_span_processes(monkeypatch):
     # 2 completions per process: whole groups of 4 only when two processes sample together.
     with pytest.raises(GazalError, match="processes \\(1\\)"):
-        recipes.load_recipe("demo", ["grpo.per_device_train_batch_size=2"])
+        recipes.load_recipe("demo", ["grpo.per_device_train_batch_size=2", "grpo.gradient_accumulation_steps=1"])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert recipes.load_recipe("demo", ["grpo.per_device_train_batch_size=2"]).grpo.per_device_train_batch_size == 2
+    assert recipes.load_recipe("demo", ["grpo.per_device_train_batch_size=2", "grpo.gradient_accumulation_steps=1"]
+                               ).grpo.per_device_train_batch_size == 2
 
 
 def test_evaluation_shorter_than_grpo_completions_is_warned(tmp_path, caplog):

@@ -115,12 +115,35 @@ def test_a_gated_reward_gives_no_advantage_in_groups_whose_accuracy_ties(sft_run
     assert len({r["completion"] for r in samples}) > 1 and all(r["advantage"] == 0 for r in samples)
 
 
+def test_one_completion_per_micro_batch_learns_what_one_batch_of_four_does(sft_run, tmp_path):
+    # The demo learns from its group of 4 one completion per forward (less memory); TRL's DAPO
+    # normaliser spans the whole group, so the step must equal the one-batch step.
+    adapters, norms = [], []
+    for per_device, accumulation in ((4, 1), (1, 4)):
+        run = _copy_sft(sft_run, tmp_path / f"r{per_device}")
+        assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=1",
+                     f"grpo.per_device_train_batch_size={per_device}",
+                     f"grpo.gradient_accumulation_steps={accumulation}"]) == 0
+        adapters.append(load_file(run / "grpo" / "adapter" / "adapter_model.safetensors"))
+        norms += [r["grad_norm"] for r in _rows(run / "grpo" / "metrics.jsonl") if "grad_norm" in r]
+    # Adam's first step hardly depends on the gradient's scale; its norm does.
+    assert len(norms) == 2 and norms[0] > 0 and norms[1] == pytest.approx(norms[0], rel=1e-4)
+    one, split = adapters
+    assert set(one) == set(split)
+    assert all(torch.allclose(one[k], split[k], atol=1e-6) for k in one)
+    moved = [k for k in one if "lora_B" in k and one[k].abs().max() > 0]
+    assert moved  # the step did learn something (lora_B starts at zero)
+
+
 def test_new_mode_starts_a_fresh_adapter_on_the_merged_sft_model(sft_run, tmp_path):
     run = _copy_sft(sft_run, tmp_path / "r")
     assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.max_steps=2",
-                 "grpo.lr_scheduler_type=linear", "grpo.steps_per_generation=2"]) == 0
+                 "grpo.lr_scheduler_type=linear", "grpo.steps_per_generation=2",
+                 "grpo.per_device_train_batch_size=4", "grpo.gradient_accumulation_steps=1"]) == 0
     summary = json.loads((run / "grpo" / "summary.json").read_text())
     assert summary["adapter"] == "new" and summary["base_model"].endswith("sft/merged")
+    # The adapter's dropout (rate 0 under TRL's disable_dropout) no longer doubles DoRA's base matmuls.
+    assert summary["inert_dropout_replaced"] > 0
     p = summary["parameters"]
     assert p["trainable_tensors_changed"] > 0 and p["frozen_tensors_changed"] == 0
     # The recipe's schedule reaches the trainer: linear decay from the peak, not the demo's constant.
@@ -214,7 +237,7 @@ def test_sampler_logprobs_are_the_merged_weights_and_become_the_old_logprobs(sft
                  f"model.dtype={dtype}", *key]) == 0
     summary = json.loads((run / "grpo" / "summary.json").read_text())
     assert summary["sampler_logprob_batches"] == 2 and summary["merged_rollout_generations"] == 2
-    assert len(gaps) == 2 and all(to_merged < 1e-5 for to_merged, _ in gaps), gaps
+    assert len(gaps) == 8 and all(to_merged < 1e-5 for to_merged, _ in gaps), gaps
     if dtype == "float32":
         assert all(to_learner < 1e-4 for _, to_learner in gaps), gaps
     else:

@@ -36,7 +36,9 @@ class LoraSettings(_Section):
     alpha: float = Field(32.0, gt=0)
     """Scaling numerator; with rsLoRA the scale is alpha / sqrt(r) instead of alpha / r."""
     dropout: float = Field(0.05, ge=0, lt=1)
-    """Dropout on the adapter input."""
+    """Dropout on the adapter input. With DoRA a rate above 0 costs compute: PEFT then runs each
+    base projection a second time on the dropped-out input (1.7x a SmolLM2 training step here).
+    In GRPO, where TRL's disable_dropout sets the rate to 0, Gazal removes the layers instead."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or 'all-linear' for every linear layer except the output head."""
     use_dora: bool = True

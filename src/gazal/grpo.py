@@ -13,7 +13,7 @@ from peft import PeftModel
 from trl import GRPOConfig, GRPOTrainer
 
 from gazal import audit, rundir
-from gazal.adapters import MergedRollouts, lora_config, upcast_dora_magnitudes
+from gazal.adapters import MergedRollouts, drop_inert_dropout, lora_config, upcast_dora_magnitudes
 from gazal.config import Recipe
 from gazal.data import load_grpo_items
 from gazal.errors import GazalError
@@ -299,13 +299,16 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     trainer.gated_columns = tuple(i for i, spec in enumerate(cfg.rewards) if spec.only_when_accuracy_varies)
     trainer.sampler_logprobs = cfg.merged_rollouts and sampler_logprobs(cfg, recipe.model.dtype)
     upcast_dora_magnitudes(trainer.model)
+    # TRL's disable_dropout has set every rate to 0; PEFT's DoRA still recomputes base projections
+    # for a Dropout module whatever its rate.
+    inert_dropout = drop_inert_dropout(trainer.model) if cfg.disable_dropout else 0
     if monitor is not None:
         monitor.restore = lambda path: restore_checkpoint(trainer, path)
     checkpoint = resume_checkpoint(out) if resume else None
     if monitor is not None and checkpoint is not None:  # history and rollbacks from before the checkpoint
         monitor.resume(out / "metrics.jsonl", out / "events.jsonl", int(checkpoint.rsplit("-", 1)[1]))
     summary = {"questions": len(dataset), "base_model": base, "adapter": cfg.adapter,
-               "rewards": {spec.name: spec.weight for spec in cfg.rewards}}
+               "rewards": {spec.name: spec.weight for spec in cfg.rewards}, "inert_dropout_replaced": inert_dropout}
     if monitor is not None:
         summary["monitor_rollbacks"] = monitor.rollbacks  # filled in while training
     return train_and_save(trainer, tokenizer, run_dir, "grpo", summary, recipe, base, checkpoint,
