@@ -15,7 +15,8 @@ kernel's own peak resident set (VmHWM, reset at every phase boundary) and its wa
   loss fwd     `_compute_loss`: the policy forward with TRL's fused, chunked log-prob head
   backward     `accelerator.backward`
   optimizer    the AdamW step
-  other        loading, the trainer's set-up, the final save and merge
+  save         the adapter and the merged model (a fresh base is loaded to merge into)
+  other        loading, the trainer's set-up
 
 Printed per run: seconds (exclusive, summed over the steps) and peak resident GiB per phase, and
 the stage's peak; then the ratios of "before" (Gazal until this benchmark: the 4 completions in
@@ -39,7 +40,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-PHASES = ("generation", "rewards", "scoring", "loss fwd", "backward", "optimizer", "other")
+PHASES = ("generation", "rewards", "scoring", "loss fwd", "backward", "optimizer", "save", "other")
 
 
 class PhaseMemory:
@@ -100,7 +101,7 @@ class PhaseMemory:
 
 OLD_MERGE = '''
 @contextmanager
-def _merged(model, restore):
+def _merged(model, restore=True):
     # Gazal before issue 15: a full copy of every base weight around each merged rollout.
     bases = [m.base_layer.weight for m in model.modules() if isinstance(m, LoraLayer)]
     tensors = [w.data for w in bases]
@@ -123,7 +124,7 @@ def one(spec: dict) -> dict:
     import accelerate
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from gazal import adapters, grpo, recipes, rundir
+    from gazal import adapters, grpo, recipes, rundir, training
 
     prof = PhaseMemory()
     if spec["old_merge"]:
@@ -139,6 +140,7 @@ def one(spec: dict) -> dict:
     prof.wrap(trainer, "_compute_loss", "loss fwd")
     prof.wrap(accelerate.Accelerator, "backward", "backward")
     prof.wrap(AcceleratedOptimizer, "step", "optimizer")
+    prof.wrap(training, "save_adapter_and_merged", "save")
     tokens = spec["tokens"]
     overrides = [f"model.name_or_path={spec['model']}", f"grpo.max_steps={spec['steps']}",
                  f"grpo.max_completion_length={tokens}", "grpo.save_steps=1000", "grpo.samples_every=0",
@@ -190,7 +192,7 @@ def switches(args) -> None:
     print("\nseconds per phase (exclusive, all steps)\n" + head)
     for phase in PHASES:
         print(f"{phase:<11}" + "".join(f"{r['seconds'].get(phase, 0):>22.1f}" for r in res.values()))
-    train = {n: sum(r["seconds"].get(p, 0) for p in PHASES if p != "other") for n, r in res.items()}
+    train = {n: sum(r["seconds"].get(p, 0) for p in PHASES if p not in ("save", "other")) for n, r in res.items()}
     print(f"{'steps total':<11}" + "".join(f"{train[n]:>22.1f}" for n in res))
     b, a = res["before"], res["+ 1 x 4 (demo now)"]
     print(f"\nstage peak before / after: {b['stage_peak_gib'] / a['stage_peak_gib']:.2f}x "
@@ -200,15 +202,22 @@ def switches(args) -> None:
 
 def scaling(args) -> None:
     lengths = (64, 192, 512)
-    print(f"\npeak resident GiB of the GRPO stage against completion length (demo recipe, {args.steps} steps)")
-    print(f"{'model':<30}" + "".join(f"{n:>8}" for n in lengths) + f"{'MiB/token 64-192':>18}{'192-512':>10}")
+    print(f"\npeak resident GiB against completion length (demo recipe, {args.steps} step(s), 4 completions)")
+    print("train = the loss forward and backward (one completion per micro-batch), gen = generation, "
+          "stage = the whole stage (load and save included)")
+    print(f"{'model':<28}{'part':>6}" + "".join(f"{n:>8}" for n in lengths) + f"{'MiB/token 64-192':>18}{'192-512':>9}")
     for model in ("gazal:tiny-qwen3", args.model):
-        peaks = [measure({"model": model, "tokens": n, "steps": args.steps, "old_merge": False, "overrides": []})
-                 ["stage_peak_gib"] for n in lengths]
-        slopes = [(peaks[i + 1] - peaks[i]) * 1024 / (4 * (lengths[i + 1] - lengths[i])) for i in range(2)]
-        print(f"{model:<30}" + "".join(f"{p:>8.2f}" for p in peaks) + f"{slopes[0]:>18.3f}{slopes[1]:>10.3f}",
-              flush=True)
-    print("(slope: MiB per completion token of the 4-completion group)")
+        runs = [measure({"model": model, "tokens": n, "steps": args.steps, "old_merge": False, "overrides": []})
+                for n in lengths]
+        parts = {"train": [max(r["peak_gib"]["loss fwd"], r["peak_gib"]["backward"]) for r in runs],
+                 "gen": [r["peak_gib"]["generation"] for r in runs],
+                 "stage": [r["stage_peak_gib"] for r in runs]}
+        for part, peaks in parts.items():
+            # per token of one sequence: the unit whose activations are alive in the backward
+            slopes = [(peaks[i + 1] - peaks[i]) * 1024 / (lengths[i + 1] - lengths[i]) for i in range(2)]
+            print(f"{model:<28}{part:>6}" + "".join(f"{p:>8.2f}" for p in peaks) + f"{slopes[0]:>18.2f}{slopes[1]:>9.2f}",
+                  flush=True)
+    print("(slope: MiB per completion token)")
 
 
 def main() -> None:

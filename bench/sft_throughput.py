@@ -1,4 +1,4 @@
-"""SFT throughput on the demo model: LoRA vs DoRA, padded vs packed, side by side in one run.
+"""SFT throughput on the demo model: LoRA vs DoRA, adapter dropout, padded vs packed, side by side.
 
     python bench/sft_throughput.py [--steps 4] [--model gazal:smollm2-135m-instruct]
 
@@ -26,6 +26,8 @@ from pathlib import Path
 CONFIGS = {
     "lora": ["sft.lora.use_dora=false"],
     "dora": ["sft.lora.use_dora=true"],
+    # Adapter dropout on: PEFT's DoRA then computes each base projection again on the dropped-out input.
+    "dora+dropout": ["sft.lora.use_dora=true", "sft.lora.dropout=0.05"],
     "lora+packing": ["sft.lora.use_dora=false", "sft.packing=true"],
     "dora+packing": ["sft.lora.use_dora=true", "sft.packing=true"],
 }

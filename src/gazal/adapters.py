@@ -93,10 +93,10 @@ def drop_inert_dropout(model: torch.nn.Module) -> int:
 
     PEFT's DoRA forward, in training mode, treats any `nn.Dropout` in `lora_dropout` as live: it
     recomputes the base projection on the dropped-out input instead of reusing the one already
-    computed, so every base matmul runs twice in the forward and twice in the backward (measured
-    1.7x the time of a SmolLM2 DoRA step, bench/grpo_memory.py). TRL's `disable_dropout` sets the
-    rates to 0 but keeps the modules, which is exactly that case; with `nn.Identity` PEFT takes
-    its single-projection path, which computes the same values.
+    computed, so every base matmul runs twice in the forward and in the backward, and keeps both
+    inputs for the backward. TRL's `disable_dropout` sets the rates to 0 but keeps the modules,
+    which is exactly that case; with `nn.Identity` PEFT takes its single-projection path, which
+    computes the same values (bench/grpo_memory.py, column "+ no inert dropout").
     """
     replaced = 0
     for module in model.modules():

@@ -37,8 +37,9 @@ class LoraSettings(_Section):
     """Scaling numerator; with rsLoRA the scale is alpha / sqrt(r) instead of alpha / r."""
     dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the adapter input. With DoRA a rate above 0 costs compute: PEFT then runs each
-    base projection a second time on the dropped-out input (1.7x a SmolLM2 training step here).
-    In GRPO, where TRL's disable_dropout sets the rate to 0, Gazal removes the layers instead."""
+    base projection a second time on the dropped-out input (bench/sft_throughput.py, 'dora' vs
+    'dora+dropout'). In GRPO, where TRL's disable_dropout sets the rate to 0, Gazal removes the
+    dropout layers so the projection runs once."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or 'all-linear' for every linear layer except the output head."""
     use_dora: bool = True

@@ -34,8 +34,8 @@ autocast, else b):
   (in^2 + 3 in x out) x a for the largest one.
 - GRPO, in phases. Rollouts with transformers: every process generates per_device_train_batch_size
   x steps_per_generation completions at once, with the whole model gathered (ZeRO-3 / FSDP2: P b
-  more), a merged copy of the linear weights when merged_rollouts (DoRA's merge writes new tensors
-  and Gazal keeps the originals; without sharding the originals are also cloned), and a KV cache of
+  more), a merged copy of the linear weights when merged_rollouts (PEFT's safe merge writes new
+  tensors and Gazal keeps the originals to put back), and a KV cache of
   sequences x (prompt + completion) x L x kv_heads x head_dim x 2 x b. With vLLM colocated, vLLM
   holds vllm_gpu_memory_utilization of each GPU (weights / TP and KV cache inside it) while it
   generates, and through training unless vllm_enable_sleep_mode. The weight sync: under ZeRO-3 TRL
@@ -578,10 +578,9 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory_gib: float | None = None, nod
             rhint["gathered weights (whole model)"] = ("grpo.use_vllm (rollouts in vLLM; with --sharding fsdp the "
                                                        "weight sync goes one parameter at a time)")
         if g.merged_rollouts:
-            copies = (1 if g.lora.use_dora else 0) + (1 if shards == 1 else 0)  # DoRA's new tensors; clones
-            if copies:
-                rollout["merged rollout copy"] = copies * arch.linear_params() * b
-                rhint["merged rollout copy"] = "grpo.merged_rollouts"
+            # PEFT's safe merge writes new tensors beside the kept originals (adapters._merged)
+            rollout["merged rollout copy"] = arch.linear_params() * b
+            rhint["merged rollout copy"] = "grpo.merged_rollouts"
         rollout["KV cache"] = kv_rollout
         rhint["KV cache"] = ("grpo.steps_per_generation" if spg > 1 else "grpo.per_device_train_batch_size"
                              if g.per_device_train_batch_size > 1 else "grpo.max_completion_length")
