@@ -1,6 +1,6 @@
 """SFT throughput on the demo model: LoRA vs DoRA, adapter dropout, padded vs packed, side by side.
 
-    python bench/sft_throughput.py [--steps 4] [--model gazal:smollm2-135m-instruct]
+    python bench/sft_throughput.py [--steps 4] [--model gazal:smollm2-135m-instruct] [--configs dora dora+dropout]
 
 Each configuration trains in its own process (so peak memory is its own) through Gazal's SFT
 trainer on the bundled seed data. Printed per configuration: trained tokens per second (padding
@@ -96,6 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per configuration")
     parser.add_argument("--model", default="gazal:smollm2-135m-instruct")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="configurations to measure (default: all; the first is the ratios' base)")
     parser.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -103,7 +105,7 @@ def main() -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results = []
-    for name in CONFIGS:
+    for name in args.configs:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--model", args.model],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -113,7 +115,7 @@ def main() -> None:
     base = results[0]["tokens_per_s"]
     print(f"model {args.model}; {args.steps} timed steps each; float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"({results[0]['torch_threads']} threads)")
-    print(f"{'config':<14} {'tokens/s':>9} {'vs lora':>8} {'s/step':>7} {'peak MiB':>9} {'MFU':>6}")
+    print(f"{'config':<14} {'tokens/s':>9} {'vs ' + results[0]['config']:>8} {'s/step':>7} {'peak MiB':>9} {'MFU':>6}")
     for r in results:
         print(f"{r['config']:<14} {r['tokens_per_s']:>9.0f} {r['tokens_per_s'] / base:>7.2f}x {r['seconds_per_step']:>7.2f} "
               f"{r['peak_rss_mb']:>9.0f} {r['model_flops_per_s'] / peak:>6.1%}")
