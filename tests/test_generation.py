@@ -7,7 +7,8 @@ import torch
 
 from gazal.recipes import load_recipe
 from gazal.errors import GazalError
-from gazal.generation import Decoding, TransformersGenerator, VLLMGenerator, make_generator
+import gazal.generation
+from gazal.generation import Decoding, TransformersGenerator, VLLMGenerator, make_generator, weight_first_decode
 from gazal.models import TINY_QWEN3, resolve_model
 
 CONV = [[{"role": "user", "content": "Fever?"}], [{"role": "user", "content": "A much longer question about a cough?"}]]
@@ -20,6 +21,30 @@ def test_transformers_batched_equals_one_at_a_time_greedy():
     single = [gen.generate([c])[0] for c in CONV]
     assert [b[0].text for b in batched] == [s[0].text for s in single]
     assert all(c[0].tokens <= 6 for c in batched)
+
+
+def test_weight_first_decode_computes_what_f_linear_does_and_leaves_no_trace(monkeypatch):
+    calls = []
+    real = gazal.generation._weight_first_linear
+    monkeypatch.setattr(gazal.generation, "_weight_first_linear", lambda self, x: calls.append(x.shape) or real(self, x))
+    recipe = load_recipe("demo", ["eval.max_new_tokens=8"])
+    gen = TransformersGenerator(resolve_model(TINY_QWEN3), recipe)
+    model = gen.model
+    ids = torch.randint(0, model.config.vocab_size, (3, 5))
+    with torch.no_grad():
+        stock = model(ids[:, -1:]).logits  # 3 rows per linear: the weight-first path
+        with weight_first_decode(model) as same:
+            assert same is model
+            fast = model(ids[:, -1:]).logits
+            prefill = model(ids).logits  # 15 rows: F.linear
+    assert {tuple(s[:2]) for s in calls} == {(3, 1), (3, 5)}  # every linear, decode step and prefill
+    torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
+    assert torch.equal(prefill, model(ids).logits)
+    # Nothing stays patched, and the generator itself decodes through the weight-first path.
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    calls.clear()
+    assert [c[0].text for c in gen.generate(CONV)] == [gen.generate([c])[0][0].text for c in CONV]
+    assert calls
 
 
 def test_samples_per_item():

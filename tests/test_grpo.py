@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import gazal.generation
 from gazal import rundir
 from gazal.cli import main
 from gazal.grpo import gate_on_accuracy, neutral_skips
@@ -26,6 +27,9 @@ TINY = [
     "grpo.learning_rate=1e-2",
     "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tiny_rewards:length', weight: 1.0}]",
     "grpo.skip_reward_audit=true",
+    # The group of 4 in one micro-batch: the same step as the demo's 1 x 4 (tested below), fewer forwards.
+    "grpo.per_device_train_batch_size=4",
+    "grpo.gradient_accumulation_steps=1",
 ]
 
 
@@ -47,7 +51,11 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_continue_mode_trains_the_sft_adapter_itself(sft_run, tmp_path):
+def test_continue_mode_trains_the_sft_adapter_itself(sft_run, tmp_path, monkeypatch):
+    weight_first = []
+    real = gazal.generation._weight_first_linear
+    monkeypatch.setattr(gazal.generation, "_weight_first_linear",
+                        lambda self, x: weight_first.append(x.shape) or real(self, x))
     run = _copy_sft(sft_run, tmp_path / "r")
     assert main(["grpo", "--config", "demo", "--run-dir", str(run), *TINY, "grpo.adapter=continue",
                  "grpo.max_steps=2", "grpo.samples_every=1"]) == 0
@@ -56,6 +64,8 @@ def test_continue_mode_trains_the_sft_adapter_itself(sft_run, tmp_path):
     # Both steps' rollouts went through Gazal's merged-weight generate: this fails if TRL stops
     # calling the overridden _generate_single_turn, or stops generating through model.generate.
     assert summary["merged_rollout_generations"] == 2
+    # ...and decoded with generation.weight_first_decode (the group's completions are 2-4 rows).
+    assert weight_first
     sft_adapter = load_file(run / "sft" / "adapter" / "adapter_model.safetensors")
     grpo_adapter = load_file(run / "grpo" / "adapter" / "adapter_model.safetensors")
     assert set(sft_adapter) == set(grpo_adapter)  # the same adapter, trained further

@@ -17,6 +17,7 @@ from gazal.adapters import MergedRollouts, drop_inert_dropout, lora_config, upca
 from gazal.config import Recipe
 from gazal.data import load_grpo_items
 from gazal.errors import GazalError
+from gazal.generation import weight_first_decode
 from gazal.models import load_model, load_tokenizer, model_kwargs, resolve_model
 from gazal.monitor import JsonlMetrics, MonitorCallback
 from gazal.rewards import resolve_reward
@@ -63,7 +64,8 @@ class GazalGRPOTrainer(GRPOTrainer):
         self._sampler_logps = None
 
         def sample(*a, **k):
-            sequences = generate(*a, **k)
+            with weight_first_decode(model):
+                sequences = generate(*a, **k)
             if self.sampler_logprobs:
                 # The log-probs of the sampled tokens under the weights that sampled them (merged),
                 # computed by TRL's own per-token routine (temperature, fused head) while still merged.
