@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--model", default="gazal:smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batches", default="1,2,4,8,10")
+    ap.add_argument("--batches", default="1,2,4,10,30")
     args = ap.parse_args()
     path = resolve_model(args.model)
     tok = load_tokenizer(path)

@@ -128,3 +128,36 @@ def test_vllm_replicas_get_their_own_gpus_and_shares(tmp_path, benchmarks_dir, m
     rows = [json.loads(x) for x in (out / "pubmedqa" / "parts" / "1.jsonl").read_text().splitlines()]
     assert {r["id"] for r in rows} == odd and len(rows) == 4
     assert not (out / "pubmedqa" / "parts" / "0.jsonl").exists()
+
+
+def test_greedy_batches_of_every_benchmark_share_generate_calls_and_score_the_same(tmp_path, benchmarks_dir,
+                                                                                   monkeypatch):
+    from gazal.generation import TransformersGenerator
+
+    calls = []
+    real = TransformersGenerator.generate
+    monkeypatch.setattr(TransformersGenerator, "generate",
+                        lambda self, conv, decoding=None, seed=0: calls.append(len(conv)) or real(self, conv, decoding, seed))
+    args = ["eval.limit=6", "eval.max_new_tokens=8", "eval.direct_max_new_tokens=4"]
+    assert main([*_cmd(tmp_path / "one", benchmarks_dir), *args, "eval.generation_batch_size=null"]) == 0
+    unpacked, calls[:] = list(calls), []
+    assert main([*_cmd(tmp_path / "packed", benchmarks_dir), *args, "eval.generation_batch_size=5"]) == 0
+    # 6 items a benchmark in batches of 2: 3 + 3 batches a mode; reasoning packed in calls of at most 5
+    # sequences, consecutive batches whatever their benchmark: 2+2, 2+2 (medqa's last, pubmedqa's first),
+    # 2+2; direct answers (prompt-bound) one batch a call.
+    assert unpacked == [2] * 12 and calls == [4] * 3 + [2] * 6
+    for name in NAMES:
+        for mode in ("", "direct"):
+            one, packed = _samples(tmp_path / "one", name, mode), _samples(tmp_path / "packed", name, mode)
+            assert [r["id"] for r in one] == [r["id"] for r in packed] and len(one) == 6
+            assert [r["completion"] for r in one] == [r["completion"] for r in packed]
+    # Sampled decoding keeps one seeded call per fixed batch.
+    calls[:] = []
+    assert main([*_cmd(tmp_path / "sampled", benchmarks_dir), *args, "eval.generation_batch_size=5",
+                 "eval.temperature=0.7", "eval.modes=[reasoning]"]) == 0
+    assert calls == [2] * 6
+
+
+def test_a_generation_batch_below_one_fixed_batch_is_refused(capsys):
+    assert main(["validate", "--config", "demo", "eval.batch_size=8", "eval.generation_batch_size=4"]) == 2
+    assert "eval.generation_batch_size=4 is below one fixed batch" in capsys.readouterr().err

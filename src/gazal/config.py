@@ -413,7 +413,14 @@ class EvalSettings(_Section):
     max_new_tokens: int = Field(512, gt=0)
     """Longest generation per item."""
     batch_size: int = Field(8, gt=0)
-    """Items generated together (items are sorted by prompt length first, so a batch pads little)."""
+    """Items per fixed batch of a benchmark (items are sorted by prompt length first, so a batch pads
+    little): the unit that is seeded, resumed and shared between processes."""
+    generation_batch_size: int | None = Field(None, gt=0)
+    """Sequences per generate call for greedy reasoning-mode decoding: fixed batches of every
+    benchmark are packed up to it (a CPU decode step's cost grows far slower than its rows, and a
+    benchmark smaller than `batch_size` would leave a call part-empty). None: one fixed batch per
+    call. Sampled decoding never packs, so each fixed batch keeps its own seed; direct mode never
+    packs either (a few new tokens: its cost is the prompt, which packing pads)."""
     preset: Literal["greedy", "qwen3-thinking", "qwen3-non-thinking"] | None = None
     """Decoding preset (see DECODING_PRESETS); it sets temperature, top_p, top_k and min_p where the
     recipe does not set them itself."""
@@ -589,6 +596,10 @@ class Recipe(_Section):
         if e.num_samples > 1 and e.temperature == 0:
             raise RecipeError(("eval", "num_samples"), "eval.num_samples > 1 needs eval.temperature > 0 (greedy "
                               "decoding gives the same completion every time)")
+        if e.generation_batch_size is not None and e.generation_batch_size < e.batch_size * e.num_samples:
+            raise RecipeError(("eval", "generation_batch_size"), f"eval.generation_batch_size={e.generation_batch_size} "
+                              f"is below one fixed batch (eval.batch_size={e.batch_size} x eval.num_samples="
+                              f"{e.num_samples} sequences), which is never split")
         if e.vllm_data_parallel_size > 1 and e.backend != "vllm":
             raise RecipeError(("eval", "vllm_data_parallel_size"), "eval.vllm_data_parallel_size needs "
                               "eval.backend=vllm; with transformers, launch `gazal eval` under accelerate launch / "

@@ -16,6 +16,7 @@ eval/<benchmark>/direct/samples.jsonl. With both, `recall_vs_reasoning` pairs th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -92,37 +93,71 @@ def _rows(folder: Path) -> dict[tuple[str, int], dict]:
     return found
 
 
-def evaluate_share(name: str, items: list[Item], generator, recipe: Recipe, folder: Path, mode: str,
-                   rank: int = 0, world: int = 1) -> None:
-    """Generate and score this process's unfinished batches into folder/parts/<rank>.jsonl."""
+def evaluate_shares(work: list[tuple[str, list[Item], Path]], generator, recipe: Recipe, mode: str,
+                    rank: int = 0, world: int = 1) -> None:
+    """Generate and score this process's unfinished batches of each (benchmark, items, folder) into
+    folder/parts/<rank>.jsonl. Under greedy reasoning-mode decoding with `eval.generation_batch_size`,
+    fixed batches (of any of the benchmarks) share generate calls; rows are written, per benchmark, as
+    each call ends."""
     decoding = Decoding.of(recipe.eval, mode)
     task = _task(recipe, mode)
-    parts = folder / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    own = parts / f"{rank}.jsonl"
-    rundir.finished_rows(own)  # cut a line a kill tore (only this process writes this file)
-    done = _rows(folder)
-    mine = [(b, batch) for b, batch in enumerate(batches(items, recipe, mode)) if b % world == rank]
-    todo = [(b, batch) for b, batch in mine if any((it.id, k) not in done for it in batch for k in range(decoding.n))]
-    if len(todo) < len(mine):
-        log.info("%s (%s): resuming, %d of %d batches already scored", name, mode, len(mine) - len(todo), len(mine))
-    total = sum(len(batch) for _, batch in mine)
-    with own.open("a", encoding="utf-8") as fh, tqdm(total=total, desc=f"{name} ({mode})", unit="item",
-                                                    initial=total - sum(len(b) for _, b in todo)) as bar:
-        for b, batch in todo:
-            # One seed per fixed batch: the same samples whichever process draws it, resumed or not.
-            outputs = generator.generate([messages(it, task) for it in batch], decoding, seed=recipe.seed + b)
-            for it, completions in zip(batch, outputs):
-                for k, c in enumerate(completions):
-                    if (it.id, k) in done:
-                        continue  # finished before a kill cut its batch short
-                    extraction, correct = score(c.text, it.answer, it.labels, it.options)
-                    fh.write(json.dumps({
-                        "id": it.id, "sample": k, "category": it.category, "answer": it.answer,
-                        "prediction": extraction.label, "status": extraction.status, "correct": correct,
-                        "completion_tokens": c.tokens, "truncated": c.truncated, "completion": c.text}) + "\n")
-            fh.flush()
-            bar.update(len(batch))
+    pending = []  # (benchmark, batch index, batch, rows already written, part file)
+    with contextlib.ExitStack() as files:
+        for name, items, folder in work:
+            parts = folder / "parts"
+            parts.mkdir(parents=True, exist_ok=True)
+            own = parts / f"{rank}.jsonl"
+            rundir.finished_rows(own)  # cut a line a kill tore (only this process writes this file)
+            done = _rows(folder)
+            mine = [(b, batch) for b, batch in enumerate(batches(items, recipe, mode)) if b % world == rank]
+            todo = [(b, batch) for b, batch in mine
+                    if any((it.id, k) not in done for it in batch for k in range(decoding.n))]
+            if len(todo) < len(mine):
+                log.info("%s (%s): resuming, %d of %d batches already scored", name, mode, len(mine) - len(todo),
+                         len(mine))
+            fh = files.enter_context(own.open("a", encoding="utf-8"))
+            pending += [(name, b, batch, done, fh) for b, batch in todo]
+        names = ", ".join(name for name, _, _ in work)
+        with tqdm(total=sum(len(p[2]) for p in pending), desc=f"{names} ({mode})", unit="item") as bar:
+            for group in _packed(pending, recipe, decoding, mode):
+                conversations = [messages(it, task) for _, _, batch, _, _ in group for it in batch]
+                # One seed per fixed batch (a group's first): the same samples whichever process
+                # draws it, resumed or not. Only greedy batches are packed, and they draw nothing.
+                outputs = iter(generator.generate(conversations, decoding, seed=recipe.seed + group[0][1]))
+                for _, _, batch, done, fh in group:
+                    for it in batch:
+                        for k, c in enumerate(next(outputs)):
+                            if (it.id, k) in done:
+                                continue  # finished before a kill cut its batch short
+                            extraction, correct = score(c.text, it.answer, it.labels, it.options)
+                            fh.write(json.dumps({
+                                "id": it.id, "sample": k, "category": it.category, "answer": it.answer,
+                                "prediction": extraction.label, "status": extraction.status, "correct": correct,
+                                "completion_tokens": c.tokens, "truncated": c.truncated,
+                                "completion": c.text}) + "\n")
+                    fh.flush()
+                bar.update(sum(len(batch) for _, _, batch, _, _ in group))
+
+
+def _packed(pending: list, recipe: Recipe, decoding: Decoding, mode: str) -> list[list]:
+    """Consecutive fixed batches packed into generate calls of at most `eval.generation_batch_size`
+    sequences when reasoning-mode decoding is greedy; otherwise one batch per call. Direct answers
+    are a few tokens: their cost is the prompt, which a packed call pads to its longest (measured on
+    the demo: packed 55 s against 45 s unpacked, while reasoning took 182 s against 224 s)."""
+    limit = recipe.eval.generation_batch_size
+    if limit is None or decoding.temperature > 0 or mode == "direct":
+        return [[p] for p in pending]
+    groups: list[list] = []
+    size = 0
+    for p in pending:
+        rows = len(p[2]) * decoding.n
+        if groups and size + rows <= limit:
+            groups[-1].append(p)
+            size += rows
+        else:
+            groups.append([p])
+            size = rows
+    return groups
 
 
 def missing(items: list[Item], folder: Path, n: int) -> int:
@@ -238,15 +273,13 @@ def _replicas(recipe: Recipe, run_dir: Path) -> None:
 
 def generate_shares(recipe: Recipe, run_dir: Path, items: dict[str, list[Item] | str], rank: int, world: int) -> None:
     """This process's share of every benchmark and mode, with one model load."""
-    generator = None
-    model_path = (run_dir / "eval" / "model.txt").read_text().strip()
-    for name, chosen in items.items():
-        if isinstance(chosen, str):
-            continue
-        for mode in recipe.eval.modes:
-            if generator is None:
-                generator = make_generator(model_path, recipe)
-            evaluate_share(name, chosen, generator, recipe, _folder(run_dir / "eval", name, mode), mode, rank, world)
+    available = [(name, chosen) for name, chosen in items.items() if not isinstance(chosen, str)]
+    if not available:
+        return
+    generator = make_generator((run_dir / "eval" / "model.txt").read_text().strip(), recipe)
+    for mode in recipe.eval.modes:
+        evaluate_shares([(name, chosen, _folder(run_dir / "eval", name, mode)) for name, chosen in available],
+                        generator, recipe, mode, rank, world)
 
 
 def main(recipe: Recipe, run_dir: Path) -> dict:

@@ -369,9 +369,10 @@ def grpo_prompt_tokens(recipe: Recipe, tokenizer) -> tuple[int, str]:
     return n, f"longest of {len(items)} prompts of {spec} ({how})"
 
 
-def eval_prompt_tokens(recipe: Recipe, tokenizer) -> tuple[int, str, int | None]:
+def eval_prompt_tokens(recipe: Recipe, tokenizer) -> tuple[int, str, tuple[int, int] | None]:
     """The longest evaluation prompt in tokens (reasoning mode), how it was found, and the most items
-    a benchmark has (a batch holds no more; None: not known here)."""
+    a benchmark has (a batch holds no more) with the items of all benchmarks (a packed call holds no
+    more); None: not known here."""
     from gazal.benchmarks import BenchmarkUnavailable, benchmarks_dir, load_benchmark, select
     from gazal.tasks import messages
 
@@ -394,7 +395,7 @@ def eval_prompt_tokens(recipe: Recipe, tokenizer) -> tuple[int, str, int | None]
         return DEFAULT_EVAL_PROMPT, f"assumed: none of {', '.join(cfg.benchmarks)} is in {directory}", None
     n = _longest_prompt(conversations, tokenizer, cfg.chat_template_kwargs)
     how = "tokenized" if tokenizer is not None else f"characters / {CHARS_PER_TOKEN}"
-    return n, f"longest of {len(conversations)} {'+'.join(found)} prompts ({how})", most
+    return n, f"longest of {len(conversations)} {'+'.join(found)} prompts ({how})", (most, len(conversations))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,20 +657,27 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory_gib: float | None = None, nod
 
     # Evaluation ------------------------------------------------------------------------------
     e = recipe.eval
-    eprompt, eprompt_how, most_items = eval_prompt_tokens(recipe, tokenizer)
+    eprompt, eprompt_how, counts = eval_prompt_tokens(recipe, tokenizer)
+    most_items, all_items = counts or (None, None)
     new = max(e.max_new_tokens if "reasoning" in e.modes else 0, e.direct_max_new_tokens if "direct" in e.modes else 0)
     eseq = eprompt + new
     if cpu or e.backend == "transformers":
         eb = 4 if cpu else b  # the transformers backend loads float32 on CPU
         seqs = min(e.batch_size, most_items or e.batch_size) * e.num_samples
+        packed = e.generation_batch_size is not None and e.temperature == 0
+        if packed:  # greedy batches of all benchmarks share calls (evaluate._packed)
+            seqs = min(e.generation_batch_size, all_items or e.generation_batch_size)
         erows = {"weights": P * eb, "KV cache": seqs * eseq * arch.kv_bytes_per_token(eb),
                  "layer working set": nograd_layer_bytes(arch, seqs * eprompt, eb)
                  + (seqs * arch.heads * eprompt ** 2 * 4 if cpu else 0)}  # CPU SDPA with a padding mask: scores
         lines.append(f"eval (transformers): prompt {eprompt} tokens ({eprompt_how}) + {new} new = {eseq} a sequence; "
-                     f"{seqs} sequences at once (eval.batch_size, or the items of a benchmark when fewer, x eval.num_samples); "
-                     "the whole model in every process")
-        ehint = {"weights": "eval.backend (vllm, with eval.vllm_tensor_parallel_size)", "KV cache": "eval.batch_size",
-                 "layer working set": "eval.batch_size"}
+                     f"{seqs} sequences at once "
+                     + ("(eval.generation_batch_size, or every benchmark's items when fewer); " if packed else
+                        "(eval.batch_size, or the items of a benchmark when fewer, x eval.num_samples); ")
+                     + "the whole model in every process")
+        size_key = "eval.generation_batch_size" if packed else "eval.batch_size"
+        ehint = {"weights": "eval.backend (vllm, with eval.vllm_tensor_parallel_size)", "KV cache": size_key,
+                 "layer working set": size_key}
         if cpu:
             phases.append(Phase("eval", "eval", _cpu_extra(erows, "eval"), budget, e.enabled, hint=ehint))
         else:
