@@ -72,7 +72,7 @@ def test_schema_length_and_duplicates_are_dropped_with_reasons(tmp_path):
     ]
     code, kept, report = _curate(tmp_path, rows)
     assert code == 0 and len(kept) == 2
-    assert report["dropped"] == {"schema": 2, "too_short": 1, "too_long": 0, "exact_duplicate": 1,
+    assert report["dropped"] == {"schema": 2, "review_rejected": 0, "too_short": 1, "too_long": 0, "exact_duplicate": 1,
                                  "near_duplicate": 1, "contaminated": 0, "judge_rejected": 0}
     assert "reasoning" in report["examples"]["schema"][0]["detail"]
     assert "not one of the options" in report["examples"]["schema"][1]["detail"]

@@ -123,7 +123,7 @@ def test_vllm_replicas_get_their_own_gpus_and_shares(tmp_path, benchmarks_dir, m
     (out / "model.txt").write_text(resolve_model(TINY_QWEN3) + "\n")
     monkeypatch.setenv(evaluate.SHARD_ENV, "1/2")
     evaluate._replica_main(str(run))
-    items = evaluate._items(recipe)["pubmedqa"]
+    items = evaluate.benchmark_items(recipe)["pubmedqa"]
     odd = {it.id for b, batch in enumerate(evaluate.batches(items, recipe, "reasoning")) if b % 2 for it in batch}
     rows = [json.loads(x) for x in (out / "pubmedqa" / "parts" / "1.jsonl").read_text().splitlines()]
     assert {r["id"] for r in rows} == odd and len(rows) == 4

@@ -144,3 +144,77 @@ def test_each_stage_reports_its_own_peak_memory():
     del block
     assert rundir.reset_peak_memory()
     assert rundir.peak_rss_mb() < high - 250
+
+
+def _browser_missing() -> str | None:
+    import importlib.util
+
+    from browser import chromium
+
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed (pip install -e '.[dev]')"
+    if chromium() is None:
+        return "no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)"
+    return None
+
+
+def test_report_html_in_headless_chromium(run_dir: Path):
+    why = _browser_missing()
+    if why:
+        pytest.skip(why)
+    from browser import check_report
+
+    # A comparison saved in the run (here the run against itself) gets its own table.
+    assert main(["compare", str(run_dir), str(run_dir), "--json", str(run_dir / "compare-self.json")]) == 0
+    assert main(["report", "--run-dir", str(run_dir)]) == 0
+    found = check_report(run_dir, filter_source="medqa")
+    print("report screenshot:", found["screenshot"])
+    assert found["console_errors"] == []
+    assert found["sections"] == ["sft", "grpo", "eval", "samples"]
+    assert found["headings"] == ["Comparison: compare-self.json"]
+    names = {p["plot"] for p in found["plots"]}
+    assert {"sft-loss", "sft-learning-rate", "grpo-total-reward", "grpo-accuracy-vs-format", "grpo-entropy",
+            "grpo-grad-norm", "grpo-groups-with-zero-reward-spread", "grpo-completion-length--tokens-",
+            "eval-accuracy", "eval-status"} <= names
+    assert {"grpo-reward--accuracy", "grpo-reward--format", "grpo-reward--length"} <= names  # one per component
+    # Every plot is drawn, with its data series in it.
+    assert all(p["width"] > 100 and p["height"] > 100 and p["data_paths"] > 0 for p in found["plots"]), found["plots"]
+    # The sample table holds GRPO rollouts and every benchmark's items, and the filter narrows it.
+    assert found["sources"] == ["grpo", "medqa", "mmlu_pro", "pubmedqa"]
+    samples = sum(1 for _ in (run_dir / "eval" / "medqa").glob("**/samples.jsonl"))
+    f = found["filtered"]
+    assert f["all_match"] and 0 < f["visible"] < found["rows"] and f["count_text"] == f"{f['visible']} of {found['rows']} rows"
+    assert f["visible"] == 3 * samples  # 3 items in each medqa mode
+    assert Path(found["screenshot"]).stat().st_size > 10_000
+
+
+def test_review_round_trip_on_the_tiny_run(run_dir: Path, tmp_path):
+    import csv
+
+    pkg = tmp_path / "pkg"
+    assert main(["review", "export", str(run_dir), "--out", str(pkg), "-n", "6", "--seed", "0"]) == 0
+    with (pkg / "review.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and {r["source"] for r in rows} == {"eval:medqa", "eval:mmlu_pro", "eval:pubmedqa"}
+    assert all(r["question"] and r["gold"] and r["auto_correct"] in ("true", "false") for r in rows)
+    for i, r in enumerate(rows):
+        r["verdict"] = ("correct", "incorrect", "unsafe")[i % 3]
+    with (pkg / "review.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert main(["review", "import", str(pkg), str(pkg / "review.csv")]) == 0
+    result = json.loads((pkg / "review.json").read_text())
+    # By hand, from the CSV: the reviewer agrees with the grading where 'correct' meets a right answer,
+    # or 'incorrect'/'unsafe' a wrong one.
+    agree = sum((r["verdict"] == "correct") == (r["auto_correct"] == "true") for r in rows)
+    assert result["verdicts"] == {"correct": 2, "incorrect": 2, "unsafe": 2}
+    assert result["reviewer_agrees_with_grading"] == agree and result["agreement_rate"] == agree / 6
+    assert result["graded_cases"] == 6 and result["drop"] is None
+    right_correct = sum(r["auto_correct"] == "true" and r["verdict"] == "correct" for r in rows)
+    assert result["grading_vs_reviewer"]["auto_right_reviewer_correct"] == right_correct
+    # GRPO rollouts too: each sample matched to its question and graded by the shared extractor.
+    assert main(["review", "export", str(run_dir), "--source", "grpo", "--out", str(tmp_path / "g"), "-n", "4"]) == 0
+    with (tmp_path / "g" / "review.csv").open(newline="") as fh:
+        grpo = list(csv.DictReader(fh))
+    assert len(grpo) == 4 and all(r["question"] and f"\n{r['gold']}. " in "\n" + r["options"] for r in grpo)

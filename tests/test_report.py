@@ -65,3 +65,37 @@ def test_eval_with_both_modes_prints_and_reports_recall_versus_reasoning(tmp_pat
     assert res["direct"]["mean_completion_tokens"] <= 3 and res["recall_vs_reasoning"]["pairs"] == 6
     text = report.main(run).read_text()
     assert "## Recall versus reasoning" in text and "Reasoning accuracy by completion length" in text
+
+
+def test_html_report_plots_each_logged_metric_and_marks_monitor_events(tmp_path):
+    import re
+
+    run = _grpo_run(tmp_path, [0.5, 0.0, 0.25, 0.75])
+    (run / "grpo" / "events.jsonl").write_text(json.dumps(
+        {"step": 3, "rule": "format_collapse", "action": "warn", "message": "format fell"}) + "\n")
+    report.main(run)
+    page = (run / "report.html").read_text()
+    plots = re.findall(r'data-plot="([^"]+)"', page)
+    # Only what was logged is drawn: the format reward's own panel, accuracy-vs-format (format only), loss.
+    assert plots == ["grpo-reward--format", "grpo-accuracy-vs-format", "grpo-loss"]
+    assert page.count("format_collapse (warn)") == len(plots)  # marked on every curve
+    assert "not logged in this run: total reward" in page
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)  # self-contained: nothing fetched
+    # A run with neither SFT nor evaluation (an older or partial run) still gets a page.
+    assert "Not run (no metrics.jsonl)" in page and "Not run (or not finished)" in page
+
+
+def test_html_report_of_a_run_made_before_it(tmp_path):
+    # An older run: a recipe and finished evaluation results only, no samples, metrics or versions.
+    run = tmp_path / "old"
+    (run / "eval").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"name": "old", "model": {"name_or_path": "m"}}))
+    (run / "eval" / "results.json").write_text(json.dumps({"model": "m", "decoding": {}, "benchmarks": {
+        "medqa": {"definition": "MedQA", "paper_accuracy": 0.871, "limit": None, "n": 4, "correct": 1, "accuracy": 0.25,
+                  "ci95": [0.05, 0.7], "per_category": {}, "status_rates": {"ok": 0.75, "no_answer": 0.25, "hedge": 0.0, "not_an_option": 0.0},
+                  "mean_completion_tokens": 10.0, "truncation_rate": 0.0}}}))
+    (run / "eval" / "DONE").write_text("")
+    report.main(run)
+    page = (run / "report.html").read_text()
+    assert 'data-plot="eval-accuracy"' in page and 'data-plot="eval-status"' in page
+    assert "No rollout or evaluation samples" in page

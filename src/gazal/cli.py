@@ -17,7 +17,7 @@ STAGE_HELP = {
     "sft": "stage 1: supervised fine-tuning with DoRA + rsLoRA",
     "grpo": "stage 2: GRPO with the recipe's multi-component reward",
     "eval": "evaluate the run's newest model on MedQA, MMLU-Pro medical and PubMedQA",
-    "report": "write report.md from a run directory",
+    "report": "write report.md and report.html (plots, samples) from a run directory",
     "validate": "check a recipe (types, unknown keys, files) without running it",
 }
 SCORE_HELP = "score generations from anywhere with Gazal's answer extractor and metrics"
@@ -76,7 +76,23 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--benchmarks", type=Path, default=None, metavar="DIR",
                    help="benchmark JSONL folder to decontaminate against (default: $GAZAL_BENCHMARKS_DIR if set)")
     d.add_argument("--config", "-c", default="demo", metavar="RECIPE", help="recipe whose curate section to use")
+    d.add_argument("--drop-list", type=Path, default=None, metavar="REVIEW.json",
+                   help="a data-file review's review.json (gazal review import): drop the rows judged incorrect or unsafe")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p = sub.add_parser("review", help="physician review: export cases for a clinician, import the verdicts")
+    rsub = p.add_subparsers(dest="review_command", required=True, metavar="ACTION")
+    d = rsub.add_parser("export", help="write a review package (review.csv, review.html form, manifest.json)")
+    d.add_argument("origin", type=Path, metavar="RUN_DIR|DATA.jsonl",
+                   help="a run directory (its evaluation or GRPO samples) or an SFT data file")
+    d.add_argument("--source", choices=("eval", "grpo"), default="eval",
+                   help="for a run directory: evaluation items or GRPO rollouts (default: eval)")
+    d.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder of the review package")
+    d.add_argument("-n", type=int, default=40, help="cases to sample (default 40)")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    d = rsub.add_parser("import", help="validate returned verdicts (CSV or the form's JSON); write review.json")
+    d.add_argument("package", type=Path, metavar="DIR", help="the review package the cases were exported to")
+    d.add_argument("verdicts", type=Path, metavar="VERDICTS.csv|.json")
+    d.add_argument("--out", type=Path, default=None, help="where to write review.json (default: DIR/review.json)")
     help_text = "is run B better than run A on each benchmark, or is the difference noise? (paired by item)"
     p = sub.add_parser("compare", help=help_text, description=help_text)
     p.add_argument("run_a", type=Path, metavar="RUN_A")
@@ -130,6 +146,35 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review(args) -> int:
+    from gazal import review
+
+    if args.review_command == "export":
+        if args.origin.is_dir():
+            if not (args.origin / "recipe.yaml").is_file():
+                raise GazalError(f"{args.origin}: not a Gazal run directory (no recipe.yaml)")
+            rows = review.rows_from_run(args.origin, args.source)
+            origin = f"{args.source} samples of {args.origin}"
+        else:
+            rows = review.rows_from_data(args.origin)
+            origin = f"data file {args.origin}"
+        done = review.export(rows, args.out, args.n, args.seed, origin)
+        print(f"review export: {done['rows']} of {done['of']} cases -> {args.out}/review.csv, review.html "
+              "(send either to the reviewer), manifest.json (keep)")
+        return 0
+    result = review.import_verdicts(args.package, args.verdicts, args.out)
+    v = result["verdicts"]
+    print(f"review import: {result['cases']} cases: {v['correct']} correct, {v['incorrect']} incorrect, "
+          f"{v['unsafe']} unsafe")
+    if result["agreement_rate"] is not None:
+        print(f"  reviewer agrees with the automatic grading on {result['reviewer_agrees_with_grading']} of "
+              f"{result['graded_cases']} ({100 * result['agreement_rate']:.1f}%)")
+    if result["drop"] is not None:
+        print(f"  {len(result['drop'])} data rows to drop: gazal data curate IN.jsonl --out OUT.jsonl "
+              f"--drop-list {args.out or args.package / 'review.json'}")
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from gazal import recipes
 
@@ -148,7 +193,12 @@ def _data(args: argparse.Namespace) -> int:
     if not args.input.is_file():
         raise GazalError(f"{args.input}: file not found")
     bdir = args.benchmarks or benchmarks_dir(None)
-    report = curate.main(args.input, args.out, recipe.curate, bdir)
+    drops = None
+    if args.drop_list is not None:
+        from gazal import review
+
+        drops = review.read_drop_list(args.drop_list)
+    report = curate.main(args.input, args.out, recipe.curate, bdir, drops)
     print(f"curate: {report['input']} rows in, {report['kept']} kept -> {args.out}")
     for reason, n in report["dropped"].items():
         if n:
@@ -264,6 +314,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.command == "data":
         return _data(args)
+    if args.command == "review":
+        return _review(args)
     if args.command == "plan":
         return _plan(args)
 
@@ -287,6 +339,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             run_dir = rundir.latest_run_dir(recipes.load_recipe(args.config or "demo", args.overrides))
         path = report.main(run_dir)
         print(path.read_text(encoding="utf-8"))
+        print(f"\nreport: {path} and {path.with_suffix('.html')}")
         return 0
 
     recipe = recipes.load_recipe(args.config, args.overrides)
@@ -319,6 +372,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         path = report.main(run_dir)
         print(path.read_text(encoding="utf-8"))
+        print(f"\nreport: {path} and {path.with_suffix('.html')}")
     else:
         _run_stage(args.command, recipe, run_dir, resume)
         if args.command == "eval" and rundir.is_main_process():

@@ -28,7 +28,8 @@ from gazal.errors import GazalError
 
 log = logging.getLogger(__name__)
 
-REASONS = ("schema", "too_short", "too_long", "exact_duplicate", "near_duplicate", "contaminated", "judge_rejected")
+REASONS = ("schema", "review_rejected", "too_short", "too_long", "exact_duplicate", "near_duplicate", "contaminated",
+           "judge_rejected")
 JUDGE_PROMPT = (
     "You are a physician checking teaching material. Below is a medical question or case and its stated final "
     "answer. Reply with exactly one word: CORRECT if the answer is medically correct for the question, "
@@ -139,8 +140,9 @@ def make_judge(cfg: CurateSettings):
 
 
 def curate(rows: list[tuple[str, dict]], cfg: CurateSettings, index: BenchmarkIndex | None,
-           judge=None) -> tuple[list[dict], dict]:
-    """Rows to keep, and a report: counts per reason with a few examples each."""
+           judge=None, drops: set[str] | None = None) -> tuple[list[dict], dict]:
+    """Rows to keep, and a report: counts per reason with a few examples each. `drops`: ids (or
+    'line:N' for rows without one) that a physician review judged incorrect or unsafe."""
     from datasketch import MinHash, MinHashLSH
 
     unclear = 0
@@ -162,6 +164,9 @@ def curate(rows: list[tuple[str, dict]], cfg: CurateSettings, index: BenchmarkIn
             kind = check_row(row, where)
         except GazalError as exc:
             drop("schema", where, row, str(exc).split(": ", 1)[-1])
+            continue
+        if drops and (str(row.get("id")) in drops or f"line:{where.rsplit(':', 1)[-1]}" in drops):
+            drop("review_rejected", where, row, "judged incorrect or unsafe in review")
             continue
         text = row_text(row)
         core = row["question"] if kind == "mcq" else row["reasoning"]
@@ -218,11 +223,11 @@ def report_markdown(report: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(path: Path, out: Path, cfg: CurateSettings, benchmarks: Path | None) -> dict:
+def main(path: Path, out: Path, cfg: CurateSettings, benchmarks: Path | None, drops: set[str] | None = None) -> dict:
     """Curate `path` into `out`, with out.report.json and out.report.md beside it."""
     rows = [(f"{path}:{lineno}", row) for lineno, row in read_jsonl(path)]  # a broken line stops here, nothing written
     index = BenchmarkIndex.from_dir(benchmarks, cfg.decontamination_ngram) if benchmarks else None
-    kept, report = curate(rows, cfg, index, make_judge(cfg))
+    kept, report = curate(rows, cfg, index, make_judge(cfg), drops)
     out.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     rundir.write_json(out.with_suffix(".report.json"), report)

@@ -230,7 +230,7 @@ def _resumable(run_dir: Path, recipe: Recipe, model_path: str) -> tuple[str, ...
     return tuple(recipe.eval.benchmarks) if same else ()
 
 
-def _items(recipe: Recipe) -> dict[str, list[Item] | str]:
+def benchmark_items(recipe: Recipe) -> dict[str, list[Item] | str]:
     """Each benchmark's items (the limited selection), or why it is unavailable."""
     cfg = recipe.eval
     directory = benchmarks_dir(cfg.benchmarks_dir)
@@ -293,7 +293,7 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
         (out / "model.txt").write_text(model_path + "\n")
     _wait(run_dir)
     rank, world = shard()
-    items = _items(recipe)
+    items = benchmark_items(recipe)
     for name, chosen in items.items():
         if isinstance(chosen, str):
             log.warning("skipping %s: %s", name, chosen)
@@ -358,7 +358,7 @@ def _replica_main(run_dir: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     recipe = load_recipe(str(Path(run_dir) / "eval" / "recipe.yaml"))
     rank, world = shard()
-    generate_shares(recipe, Path(run_dir), _items(recipe), rank, world)
+    generate_shares(recipe, Path(run_dir), benchmark_items(recipe), rank, world)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The report stage: reads a run directory, writes report.md. It never trains or generates."""
+"""The report stage: reads a run directory, writes report.md and report.html (see report_html). It never
+trains or generates."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from gazal import rundir
+from gazal import report_html, rundir
 from gazal.benchmarks import TITLES
 from gazal.errors import GazalError
 from gazal.monitor import read_metrics
@@ -139,7 +140,7 @@ def _eval_section(run_dir: Path) -> list[str]:
 
 
 def main(run_dir: Path) -> Path:
-    """Write run_dir/report.md from what the stages left in the run directory."""
+    """Write run_dir/report.md and run_dir/report.html from what the stages left in the run directory."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise GazalError(f"{run_dir}: not a Gazal run directory (no recipe.yaml)")
@@ -153,6 +154,7 @@ def main(run_dir: Path) -> Path:
     lines += _stage_section(run_dir, "grpo")
     lines += _eval_section(run_dir)
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    log.info("report written to %s", path)
+    rundir.write_text(path, "\n".join(lines))
+    page = report_html.write(run_dir, recipe, versions)
+    log.info("report written to %s and %s", path, page)
     return path
