@@ -16,7 +16,9 @@ from gazal.errors import GazalError
 from gazal.models import TINY_QWEN3, resolve_model
 
 ARGS = ["model.name_or_path=gazal:tiny-qwen3", "eval.benchmarks=[medqa, pubmedqa]", "eval.limit=24",
-        "eval.batch_size=2", "eval.max_new_tokens=16", "eval.modes=[reasoning, direct]", "eval.direct_max_new_tokens=4"]
+        "eval.batch_size=2", "eval.max_new_tokens=16", "eval.modes=[reasoning, direct]", "eval.direct_max_new_tokens=4",
+        # One fixed batch per call, so a kill lands between batches (packing is tested on its own below).
+        "eval.generation_batch_size=null"]
 NAMES = ("medqa", "pubmedqa")
 
 

@@ -420,7 +420,8 @@ class EvalSettings(_Section):
     benchmark are packed up to it (a CPU decode step's cost grows far slower than its rows, and a
     benchmark smaller than `batch_size` would leave a call part-empty). None: one fixed batch per
     call. Sampled decoding never packs, so each fixed batch keeps its own seed; direct mode never
-    packs either (a few new tokens: its cost is the prompt, which packing pads)."""
+    packs either (a few new tokens: its cost is the prompt, which packing pads). A kill loses the
+    packed call in flight, not only one fixed batch."""
     preset: Literal["greedy", "qwen3-thinking", "qwen3-non-thinking"] | None = None
     """Decoding preset (see DECODING_PRESETS); it sets temperature, top_p, top_k and min_p where the
     recipe does not set them itself."""

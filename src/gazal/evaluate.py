@@ -7,7 +7,8 @@ batches whose index is r modulo w, appending rows to eval/<benchmark>/parts/<r>.
 batch completes; the main process waits for every item and merges the parts into samples.jsonl
 in item order. A rerun, with any number of processes, skips finished batches and regenerates
 unfinished ones whole, with the same per-batch sampling seed, so a killed evaluation loses at most
-the batches in flight and its results equal an uninterrupted single-process run's.
+the batches in flight (with `eval.generation_batch_size`, the packed call's) and its results equal an
+uninterrupted single-process run's.
 
 Modes: 'reasoning' asks the task's question (think, then answer) and writes
 eval/<benchmark>/samples.jsonl; 'direct' asks for the answer at once and writes

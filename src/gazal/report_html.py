@@ -110,7 +110,7 @@ def _bars(groups: list[str], bars: dict[str, list[float | None]], title: str, sl
     ax.set_ylabel(ylabel, fontsize=8)
     ax.set_ylim(0, 100)
     ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars: it hides no mark
     return _plot_block(slug, title, _svg(fig))
 
 
