@@ -100,3 +100,13 @@ def test_stratified_sample_draws_every_stratum_before_repeating_one():
     assert {(r["category"], r["auto_correct"]) for r in chosen} == {("a", True), ("a", False), ("b", True), ("b", False)}
     assert [r["id"] for r in review.stratified(rows, 4, seed=1)] == [r["id"] for r in chosen]
     assert len(review.stratified(rows, 50, seed=1)) == 12
+
+
+def test_a_drop_list_that_is_not_a_data_review_is_refused(tmp_path, capsys):
+    bad = tmp_path / "review.json"
+    bad.write_text('{"drop": null}')
+    assert main(["data", "curate", str(SEED_SFT), "--out", str(tmp_path / "o.jsonl"), "--drop-list", str(bad)]) == 2
+    assert "field 'drop' missing" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+    bad.write_text("{broken")
+    assert main(["data", "curate", str(SEED_SFT), "--out", str(tmp_path / "o.jsonl"), "--drop-list", str(bad)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err

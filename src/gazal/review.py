@@ -61,8 +61,11 @@ def rows_from_run(run_dir: Path, source: str) -> list[dict]:
             if isinstance(chosen, str) or not path.is_file():
                 continue
             by_id = {it.id: it for it in chosen}
-            for _, r in read_jsonl(path):
-                it = by_id[r["id"]]
+            for lineno, r in read_jsonl(path):
+                it = by_id.get(r.get("id"))
+                if it is None:
+                    raise GazalError(f"{path}:{lineno}: field 'id': {r.get('id')!r} is not among the {name} items "
+                                     "this run's recipe selects (benchmark files changed since the run?)")
                 reasoning, _ = _split(r["completion"])
                 rows.append({"id": f"eval:{name}:{r['id']}:{r.get('sample', 0)}", "source": f"eval:{name}",
                              "category": it.category or name, "question": it.question if not it.context
@@ -259,7 +262,10 @@ def read_drop_list(path: Path) -> set[str]:
     """The ids a review.json says to drop (for `gazal data curate --drop-list`)."""
     if not path.is_file():
         raise GazalError(f"{path}: file not found")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise GazalError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("drop"), list):
         raise GazalError(f"{path}: field 'drop' missing: a review.json of a data-file review (gazal review import)")
     return {str(x) for x in data["drop"]}
