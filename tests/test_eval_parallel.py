@@ -106,13 +106,13 @@ def test_vllm_replicas_get_their_own_gpus_and_shares(tmp_path, benchmarks_dir, m
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
         recipe = load_recipe("demo", ["eval.backend=vllm", "eval.vllm_data_parallel_size=4",
                                       "eval.vllm_tensor_parallel_size=2"])
-        evaluate._replicas(recipe, tmp_path)
+        evaluate._replicas(recipe, tmp_path, tmp_path / "eval")
         assert [(env[evaluate.SHARD_ENV], env["CUDA_VISIBLE_DEVICES"]) for _, env in started] == [
             ("0/4", "0,1"), ("1/4", "2,3"), ("2/4", "4,5"), ("3/4", "6,7")]
-        assert all(cmd[1:] == ["-m", "gazal.evaluate", str(tmp_path)] for cmd, _ in started)
+        assert all(cmd[1:] == ["-m", "gazal.evaluate", str(tmp_path), str(tmp_path / "eval")] for cmd, _ in started)
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
         with pytest.raises(GazalError, match="needs 8 GPUs"):
-            evaluate._replicas(recipe, tmp_path)
+            evaluate._replicas(recipe, tmp_path, tmp_path / "eval")
 
     # One replica's entry point: share 1 of 2 writes the odd batches only, to parts/1.jsonl.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -124,7 +124,7 @@ def test_vllm_replicas_get_their_own_gpus_and_shares(tmp_path, benchmarks_dir, m
     out = rundir.start_stage(run, "eval", recipe)
     (out / "model.txt").write_text(resolve_model(TINY_QWEN3) + "\n")
     monkeypatch.setenv(evaluate.SHARD_ENV, "1/2")
-    evaluate._replica_main(str(run))
+    evaluate._replica_main(str(run), str(out))
     items = evaluate.benchmark_items(recipe)["pubmedqa"]
     odd = {it.id for b, batch in enumerate(evaluate.batches(items, recipe, "reasoning")) if b % 2 for it in batch}
     rows = [json.loads(x) for x in (out / "pubmedqa" / "parts" / "1.jsonl").read_text().splitlines()]

@@ -27,6 +27,8 @@ TINY = [
     "eval.limit=3",
     "eval.max_new_tokens=8",
     "eval.batch_size=3",
+    # The stage report card: every stage's model on the same items.
+    "eval.stages=[base, sft, grpo]",
 ]
 
 
@@ -89,6 +91,41 @@ def test_eval_results_and_report(run_dir: Path):
         assert len(lines) == 3 and all({"id", "prediction", "status", "correct"} <= json.loads(l).keys() for l in lines)
     report = (run_dir / "report.md").read_text()
     assert "MedQA" in report and "87.1" in report and "GRPO" in report
+
+
+def test_stage_card_pairs_every_stage_on_the_same_items(run_dir: Path):
+    from gazal.compare import compare_runs
+
+    res = json.loads((run_dir / "eval" / "results.json").read_text())
+    c = res["card"]
+    assert c["stages"] == ["base", "sft", "grpo"] and c["comparison_pairs"] == [["base", "sft"], ["sft", "grpo"],
+                                                                                ["base", "grpo"]]
+    folders = {"base": run_dir / "eval" / "stages" / "base", "sft": run_dir / "eval" / "stages" / "sft",
+               "grpo": run_dir / "eval"}
+    assert c["models"]["base"] == models.resolve_model(models.TINY_QWEN3)
+    assert c["models"]["sft"].endswith("sft/merged") and c["models"]["grpo"].endswith("grpo/merged")
+    for stage, folder in folders.items():
+        stage_res = json.loads((folder / "results.json").read_text())
+        assert stage_res["model"] == c["models"][stage]
+        for name in ("medqa", "mmlu_pro", "pubmedqa"):
+            # The same item ids in every stage, in both modes.
+            for mode in ("", "direct"):
+                ids = [json.loads(l)["id"] for l in (folder / name / mode / "samples.jsonl").read_text().splitlines()]
+                assert ids == res["benchmarks"][name]["selection"]["ids"]
+            cell = c["benchmarks"][name]["stages"][stage]
+            assert cell["accuracy"] == stage_res["benchmarks"][name]["accuracy"]
+            assert cell["direct"]["accuracy"] == stage_res["benchmarks"][name]["direct"]["accuracy"]
+            assert 0 <= cell["answered_rate"] <= 1 and 0 <= cell["format_rate"] <= 1
+    # Each paired comparison is exactly what `gazal compare` gives for the same two stages.
+    for a, b in c["comparison_pairs"]:
+        for mode in ("reasoning", "direct"):
+            direct = compare_runs(folders[a], folders[b], mode=mode)["benchmarks"]
+            for name, bench in c["benchmarks"].items():
+                entry = next(p for p in bench["comparisons"] if (p["a"], p["b"], p["mode"]) == (a, b, mode))
+                assert {k: v for k, v in entry.items() if k not in ("a", "b", "mode")} == direct[name]
+    report = (run_dir / "report.md").read_text()
+    assert report.index("## Stage report card") < report.index("## SFT")
+    assert "| base → sft | reasoning |" in report and "always answering the commonest label" in report
 
 
 def test_rerun_skips_finished_stages_and_stages_run_alone(run_dir: Path, capsys):
@@ -170,12 +207,14 @@ def test_report_html_in_headless_chromium(run_dir: Path):
     found = check_report(run_dir, filter_source="medqa")
     print("report screenshot:", found["screenshot"])
     assert found["console_errors"] == []
-    assert found["sections"] == ["sft", "grpo", "eval", "samples"]
-    assert found["headings"] == ["Comparison: compare-self.json"]
+    assert found["sections"] == ["card", "sft", "grpo", "eval", "samples"]
+    # The card's benchmarks first, then the saved comparison.
+    assert found["headings"] == ["MedQA (USMLE, 4 options, test)", "MMLU-Pro medical", "PubMedQA (PQA-L test)",
+                                 "Comparison: compare-self.json"]
     names = {p["plot"] for p in found["plots"]}
     assert {"sft-loss", "sft-learning-rate", "grpo-total-reward", "grpo-accuracy-vs-format", "grpo-entropy",
             "grpo-grad-norm", "grpo-groups-with-zero-reward-spread", "grpo-completion-length--tokens-",
-            "eval-accuracy", "eval-status"} <= names
+            "eval-accuracy", "eval-status", "card-accuracy"} <= names
     assert {"grpo-reward--accuracy", "grpo-reward--format", "grpo-reward--length"} <= names  # one per component
     # Every plot is drawn, with its data series in it.
     assert all(p["width"] > 100 and p["height"] > 100 and p["data_paths"] > 0 for p in found["plots"]), found["plots"]
@@ -218,3 +257,46 @@ def test_review_round_trip_on_the_tiny_run(run_dir: Path, tmp_path):
     with (tmp_path / "g" / "review.csv").open(newline="") as fh:
         grpo = list(csv.DictReader(fh))
     assert len(grpo) == 4 and all(r["question"] and f"\n{r['gold']}. " in "\n" + r["options"] for r in grpo)
+
+
+def test_killed_stage_card_evaluation_resumes_to_identical_results(run_dir: Path, benchmarks_dir, tmp_path):
+    """SIGKILL while the second stage's model is being evaluated: the first stage's rows are kept, the
+    second's finished batches too, and the resumed card equals an uninterrupted one."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [f"eval.benchmarks_dir={benchmarks_dir}", *TINY, "eval.benchmarks=[medqa]", "eval.limit=16",
+            "eval.batch_size=2", "eval.generation_batch_size=null", "eval.max_new_tokens=16", "eval.modes=[reasoning]",
+            "eval.stages=[base, sft]"]
+    killed, fresh = tmp_path / "killed", tmp_path / "fresh"
+    for copy in (killed, fresh):
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("eval"))
+    part = killed / "eval" / "medqa" / "parts" / "0.jsonl"  # the last stage (sft) is evaluated into eval/
+    proc = subprocess.Popen([sys.executable, "-m", "gazal", "eval", "--config", "demo", "--run-dir", str(killed), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            # The recipe's test reward (tiny_rewards) lives beside this file.
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                                              os.environ.get("PYTHONPATH", "")])})
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if part.is_file() and len(part.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "evaluation finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "eval" / "stages" / "base" / "results.json").is_file()
+    assert 2 <= len(part.read_text().splitlines()) < 16 and not (killed / "eval" / "DONE").exists()
+    assert main(["eval", "--config", "demo", "--run-dir", str(killed), *args]) == 0
+    assert main(["eval", "--config", "demo", "--run-dir", str(fresh), *args]) == 0
+    a = json.loads((killed / "eval" / "results.json").read_text())
+    b = json.loads((fresh / "eval" / "results.json").read_text())
+    assert a["benchmarks"] == b["benchmarks"]
+    assert json.dumps(a["card"]["benchmarks"]) == json.dumps(b["card"]["benchmarks"])
+    for stage in ("stages/base/", ""):
+        rows_a = (killed / "eval" / f"{stage}medqa" / "samples.jsonl").read_text()
+        assert rows_a == (fresh / "eval" / f"{stage}medqa" / "samples.jsonl").read_text() and rows_a.count("\n") == 16

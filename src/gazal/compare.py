@@ -145,8 +145,14 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def eval_folder(run: Path) -> Path:
+    """Where a run's evaluation is: RUN/eval, or the folder itself when it is an evaluation folder
+    (RUN/eval, or one stage's RUN/eval/stages/<stage> of the stage report card)."""
+    return run if (run / "results.json").is_file() and not (run / "eval").is_dir() else run / "eval"
+
+
 def _results(run: Path) -> dict:
-    path = run / "eval" / "results.json"
+    path = eval_folder(run) / "results.json"
     if not path.is_file():
         return {}
     try:
@@ -158,7 +164,7 @@ def _results(run: Path) -> dict:
 
 def _benchmarks(run: Path, mode: str) -> dict[str, list[dict]]:
     """Each benchmark of the run with rows in this mode: name -> rows."""
-    folder = run / "eval"
+    folder = eval_folder(run)
     if not folder.is_dir():
         raise GazalError(f"{run}: no eval/ folder (not an evaluated run directory; run `gazal eval --run-dir {run}`)")
     found = {}
@@ -203,8 +209,9 @@ def verdict(difference: float, p_value: float, alpha: float = ALPHA) -> str:
     return "B better" if difference > 0 else "A better"
 
 
-def _compare_one(name: str, rows_a: list[dict], rows_b: list[dict], run_a: Path, run_b: Path,
-                 seed: int, n_boot: int) -> dict:
+def compare_one(name: str, rows_a: list[dict], rows_b: list[dict], run_a: Path, run_b: Path,
+                seed: int = 0, n_boot: int = 10000) -> dict:
+    """One benchmark's paired comparison of two sets of evaluation rows (B - A); see compare_runs."""
     score_a, cat_a, k_a = _per_item(rows_a)
     score_b, cat_b, k_b = _per_item(rows_b)
     if score_a.keys() != score_b.keys():
@@ -270,7 +277,7 @@ def compare_runs(run_a: Path, run_b: Path, mode: str = "reasoning", seed: int = 
     benchmarks: dict[str, dict] = {}
     for name in names:
         if name in found_a and name in found_b:
-            entry = _compare_one(name, found_a[name], found_b[name], run_a, run_b, seed, n_boot)
+            entry = compare_one(name, found_a[name], found_b[name], run_a, run_b, seed, n_boot)
             log.info("%s: A %.3f, B %.3f, %s p=%.3g: %s", name, entry["accuracy_a"], entry["accuracy_b"],
                      entry["test"], entry["p_value"], entry["verdict"])
         elif name in found_a:

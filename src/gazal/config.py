@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from gazal.errors import RecipeError
 from gazal.tasks import TaskSettings
@@ -107,6 +107,34 @@ class SFTSource(_Section):
         return value
 
 
+class PoolFolds(_Section):
+    """How a `pubmedqa:` pool is shared out: label-stratified folds, each used by one part only."""
+
+    k: int = Field(10, ge=2)
+    """Number of folds (the PubMedQA authors cross-validate on 10 folds of 50)."""
+    sft: list[int] = Field(default_factory=list)
+    """Folds SFT trains on."""
+    grpo: list[int] = Field(default_factory=list)
+    """Folds GRPO trains on."""
+    validation: list[int] = Field(default_factory=list)
+    """Held-out folds: SFT's evaluation loss (every sft.eval_steps, else once per epoch); never trained on."""
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> PoolFolds:
+        named = [("sft", self.sft), ("grpo", self.grpo), ("validation", self.validation)]
+        for part, values in named:
+            bad = [f for f in values if not 0 <= f < self.k]
+            if bad:
+                raise RecipeError(("data", "pool_folds", part), f"data.pool_folds.{part}: folds {bad} are not in "
+                                  f"0..{self.k - 1} (k={self.k})")
+        for i, (a, va) in enumerate(named):
+            for b, vb in named[i + 1:]:
+                if set(va) & set(vb):
+                    raise RecipeError(("data", "pool_folds", b), f"data.pool_folds: folds {sorted(set(va) & set(vb))} "
+                                      f"are in both {a} and {b}; each fold serves one part only")
+        return self
+
+
 class DataSettings(_Section):
     """Training data. 'seed:sft' and 'seed:grpo' are the examples bundled with Gazal."""
 
@@ -121,6 +149,9 @@ class DataSettings(_Section):
     """Use at most this many GRPO questions (None: all)."""
     sft_validation_fraction: float = Field(0.0, ge=0, lt=1)
     """Fraction of the SFT mixture held out for evaluation loss during training (0: none)."""
+    pool_folds: PoolFolds | None = None
+    """For `pubmedqa:` sources: which label-stratified folds SFT, GRPO and the validation slice use
+    (None: both stages use the whole pool and nothing is held out)."""
 
     @field_validator("sft", mode="before")
     @classmethod
@@ -250,6 +281,31 @@ class MonitorSettings(_Section):
     or rollback (restore the last checkpoint, lower the learning rate, go on)."""
 
 
+class DifficultyFilterSettings(_Section):
+    """Before GRPO, drop the questions the starting policy gets all right or all wrong in k samples (gazal.difficulty)."""
+
+    # A group whose completions are all right or all wrong has no accuracy signal. TRL 1.16 has no
+    # DAPO dynamic sampling, which would resample such groups during training, so Gazal filters once,
+    # before training. Rows go to grpo/pass_rates.jsonl; a rerun reuses the rows that the same model,
+    # decoding, task, seed and samples produced.
+
+    enabled: bool = False
+    """Filter the GRPO questions before training (the counts go to grpo/summary.json)."""
+    samples: int = Field(4, ge=2)
+    """Completions sampled per question (k), with the rollouts' decoding: grpo.temperature, top_p,
+    max_completion_length, and top_k, min_p and chat_template_kwargs from grpo.trl."""
+    min_correct: int = Field(1, ge=0)
+    """Keep a question only if at least this many of its k completions are right (fewer: too hard)."""
+    min_wrong: int = Field(1, ge=0)
+    """Keep a question only if at least this many of its k completions are wrong (fewer: too easy)."""
+    prompts_per_call: int = Field(8, gt=0)
+    """Questions per generate call (x samples sequences): a CPU decode step's cost grows far slower
+    than its rows. A kill loses the call in flight."""
+    max_prompts: int | None = Field(None, gt=0)
+    """Estimate at most this many questions, the first of a seeded shuffle, to bound the cost; the
+    rest are not trained on. None: all."""
+
+
 class GRPOSettings(_Section):
     """Stage 2: GRPO with a multi-component reward (TRL GRPOTrainer)."""
 
@@ -361,6 +417,8 @@ class GRPOSettings(_Section):
     advantage) to grpo/samples.jsonl and grpo/samples.md; 0: never."""
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     """Rules that catch reward hacking and instability while training."""
+    difficulty_filter: DifficultyFilterSettings = Field(default_factory=DifficultyFilterSettings)
+    """Keep only questions whose pass rate under the starting policy is neither all right nor all wrong."""
     skip_reward_audit: bool = False
     """Start training even if `gazal rewards audit` finds a completion that games the reward."""
     rewards: list[RewardSpec] = Field(
@@ -409,7 +467,27 @@ class EvalSettings(_Section):
                                "followed by the {what}.")
     """Instruction of the direct mode; {what} becomes 'option letter' or 'yes, no or maybe'."""
     direct_max_new_tokens: int = Field(16, gt=0)
-    """Token budget of a direct answer."""
+    """Token budget of a direct answer (after `direct_prefill`)."""
+    direct_prefill: str = "<think>\n\n</think>\n\nThe answer is"
+    """Text the direct answer's assistant turn starts with; the model continues it, and the text
+    scored is this prefill plus the continuation. The default closes an empty think block and opens
+    the answer statement, as Qwen3's non-thinking template does: a model trained to think would
+    otherwise start <think> whatever the instruction says, and its direct answer would be cut off
+    unanswered. With a template that closes the block itself (Qwen3 with
+    direct_chat_template_kwargs {enable_thinking: false}) use 'The answer is'; '' turns it off."""
+    stages: list[Literal["base", "sft", "grpo"]] | None = None
+    """The stage report card: evaluate each listed stage's model ('base': the recipe's model; 'sft',
+    'grpo': that stage's merged model, when it finished) on the same items with the same decoding,
+    and compare consecutive stages and the first with the last item by item (paired tests). The last
+    evaluated stage's results are eval/results.json as before; the others go to eval/stages/<stage>/.
+    None: only the newest finished stage's model."""
+    limits: dict[BenchmarkName, PositiveInt] = Field(default_factory=dict)
+    """Per-benchmark `limit`, overriding it (e.g. {pubmedqa: 300, medqa: 40}): a study's own test set
+    in full, other benchmarks on a small stratified sample to show forgetting."""
+    cache: bool = False
+    """Reuse finished evaluations of the same model (by weight-file content), items, prompts and
+    decoding from Gazal's cache ($GAZAL_CACHE/eval): the base model of a recipe is then evaluated once,
+    not once per run. Cached completions are scored again by the current extractor."""
     max_new_tokens: int = Field(512, gt=0)
     """Longest generation per item."""
     batch_size: int = Field(8, gt=0)
@@ -628,6 +706,11 @@ class Recipe(_Section):
                               "grpo.disable_dropout false: rollouts sample without dropout, so the policy that "
                               "learns would not be the one that sampled; set grpo.lora.dropout=0 or "
                               "grpo.disable_dropout=true")
+        d = g.difficulty_filter
+        if d.min_correct + d.min_wrong > d.samples:
+            raise RecipeError(("grpo", "difficulty_filter", "min_correct"), "grpo.difficulty_filter: min_correct="
+                              f"{d.min_correct} + min_wrong={d.min_wrong} exceeds samples={d.samples}, so no "
+                              "question could be kept")
         return self
 
 

@@ -181,18 +181,24 @@ def _source_rows(source) -> list[dict[str, Any]]:
     return rows[:source.limit] if source.limit else rows
 
 
-def load_sft_mixture(sources, seed: int = 42, limit: int | None = None,
-                     validation_fraction: float = 0.0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def load_sft_mixture(sources, seed: int = 42, limit: int | None = None, validation_fraction: float = 0.0,
+                     loaded: dict[str, list[dict[str, Any]]] | None = None
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train and validation examples from weighted sources (gazal.config.SFTSource).
 
     Each source is split before weighting, so an upsampled row can never sit on both sides. A
     weight w uses every row floor(w) times plus a seeded random fraction w - floor(w) of them.
+    `loaded` holds the rows of sources read elsewhere (the PubMedQA pool, gazal.pubmedqa), by path.
     """
     rng = random.Random(seed)
     train: list[dict[str, Any]] = []
     validation: list[dict[str, Any]] = []
     for source in sources:
-        rows = _source_rows(source)
+        if loaded and source.path in loaded:
+            rows = list(loaded[source.path])
+            rows = rows[:source.limit] if source.limit else rows
+        else:
+            rows = _source_rows(source)
         rng.shuffle(rows)
         n_val = round(len(rows) * validation_fraction)
         if validation_fraction and n_val == 0 and len(rows) > 1:
@@ -306,12 +312,13 @@ def hub_mcq_row(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "question": question, "options": options, "answer": answer}
 
 
-def _hub_dataset(name: str, config: str | None = None, split: str = "train", revision: str | None = None):
-    """A hub dataset split; fails plainly when the hub cannot be reached."""
+def _hub_dataset(name: str, config: str | None = None, split: str = "train", revision: str | None = None,
+                 data_dir: str | None = None):
+    """A hub dataset split (or a local folder laid out like one); fails plainly when it cannot be loaded."""
     from datasets import load_dataset
 
     try:
-        return load_dataset(name, config, split=split, revision=revision)
+        return load_dataset(name, config, split=split, revision=revision, data_dir=data_dir)
     except Exception as exc:  # network, auth, missing repo: all mean "cannot load this source"
         raise GazalError(f"{name}: not a local file and could not be loaded from the hub ({type(exc).__name__}: {exc})") from None
 

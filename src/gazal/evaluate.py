@@ -18,24 +18,29 @@ eval/<benchmark>/direct/samples.jsonl. With both, `recall_vs_reasoning` pairs th
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
-from gazal import rundir, trackers
+from gazal import card, evalcache, rundir, trackers
 from gazal.benchmarks import PAPER, BenchmarkUnavailable, benchmarks_dir, describe, load_benchmark, select
 from gazal.config import Recipe
 from gazal.recipes import load_recipe
 from gazal.errors import GazalError
 from gazal.generation import Decoding, make_generator
+from gazal.models import resolve_model
+from gazal.rewards import parse
 from gazal.scoring import metrics
 from gazal.tasks import Item, direct_task, messages, score
 
@@ -130,14 +135,19 @@ def evaluate_shares(work: list[tuple[str, list[Item], Path]], generator, recipe:
                         for k, c in enumerate(next(outputs)):
                             if (it.id, k) in done:
                                 continue  # finished before a kill cut its batch short
-                            extraction, correct = score(c.text, it.answer, it.labels, it.options)
-                            fh.write(json.dumps({
-                                "id": it.id, "sample": k, "category": it.category, "answer": it.answer,
-                                "prediction": extraction.label, "status": extraction.status, "correct": correct,
-                                "completion_tokens": c.tokens, "truncated": c.truncated,
-                                "completion": c.text}) + "\n")
+                            fh.write(json.dumps(score_row(it, k, c.text, c.tokens, c.truncated)) + "\n")
                     fh.flush()
                 bar.update(sum(len(batch) for _, _, batch, _, _ in group))
+
+
+def score_row(it: Item, sample: int, text: str, tokens: int, truncated: bool) -> dict:
+    """One evaluation row: the completion scored by the shared extractor, and whether it keeps the
+    trained format (one <think> block, then one clean answer statement: the format reward's rule)."""
+    extraction, correct = score(text, it.answer, it.labels, it.options)
+    return {"id": it.id, "sample": sample, "category": it.category, "answer": it.answer,
+            "prediction": extraction.label, "status": extraction.status, "correct": correct,
+            "well_formed": parse(text, it.labels, it.options).well_formed,
+            "completion_tokens": tokens, "truncated": truncated, "completion": text}
 
 
 def _packed(pending: list, recipe: Recipe, decoding: Decoding, mode: str) -> list[list]:
@@ -218,17 +228,95 @@ def recall_vs_reasoning(reasoning: list[dict], direct: list[dict], max_new_token
             "by_length": buckets}
 
 
-def _resumable(run_dir: Path, recipe: Recipe, model_path: str) -> tuple[str, ...]:
-    """Benchmark folders to keep: only from an unfinished evaluation of the same model and settings."""
+def _same_settings(run_dir: Path, recipe: Recipe) -> bool:
+    """Whether an unfinished evaluation in the run used this recipe's evaluation settings."""
     folder = run_dir / "eval"
-    if rundir.is_done(run_dir, "eval") or not (folder / "model.txt").is_file() or not (folder / "recipe.yaml").is_file():
-        return ()
+    if rundir.is_done(run_dir, "eval") or not (folder / "recipe.yaml").is_file():
+        return False
     previous = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8"))
-    same = ((folder / "model.txt").read_text().strip() == model_path
-            and previous.get("seed") == recipe.seed
+    return (previous.get("seed") == recipe.seed
             and previous.get("eval") == recipe.eval.model_dump(mode="json")
             and previous.get("task") == recipe.task.model_dump(mode="json"))
-    return tuple(recipe.eval.benchmarks) if same else ()
+
+
+def stage_models(run_dir: Path, recipe: Recipe) -> list[tuple[str, str]]:
+    """(stage, model path) of each model to evaluate, in stage order; the last is the run's newest.
+
+    `eval.stages` lists them ('base', 'sft', 'grpo'; a training stage only once it finished);
+    without it, only the newest finished stage's model."""
+    finished = {s: str(run_dir / s / "merged") for s in ("sft", "grpo")
+                if rundir.is_done(run_dir, s) and (run_dir / s / "merged" / "config.json").is_file()}
+    base = resolve_model(recipe.model.name_or_path, recipe.model.revision)
+    if recipe.eval.stages is None:
+        newest = "grpo" if "grpo" in finished else "sft" if "sft" in finished else "base"
+        return [(newest, finished.get(newest, base))]
+    out = []
+    for stage in dict.fromkeys(recipe.eval.stages):
+        if stage == "base":
+            out.append(("base", base))
+        elif stage in finished:
+            out.append((stage, finished[stage]))
+        else:
+            log.warning("eval.stages: %s has no finished model in %s; left out of the card", stage, run_dir)
+    return out
+
+
+def stage_folder(out: Path, stage: str, final: str) -> Path:
+    """The newest model's evaluation is eval/ itself (as without a card); the others eval/stages/<stage>."""
+    return out if stage == final else out / "stages" / stage
+
+
+def _claim(folder: Path, model_path: str, keep: bool) -> None:
+    """Prepare a stage's folder for `model_path`: its rows are kept only when `keep` and they were
+    written for the same model (eval/stages is left to the stages it holds)."""
+    marker = folder / "model.txt"
+    if not (keep and marker.is_file() and marker.read_text().strip() == model_path):
+        for child in (folder.iterdir() if folder.is_dir() else []):
+            if child.is_dir() and child.name != "stages":
+                shutil.rmtree(child)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(model_path + "\n")
+
+
+def _cache_keys(recipe: Recipe, model_path: str, items: dict[str, list[Item] | str]) -> dict[tuple[str, str], tuple[str, dict]]:
+    """(benchmark, mode) -> (cache key, what it covers), for a model whose content can be hashed."""
+    digest = evalcache.model_digest(model_path)
+    if digest is None:
+        return {}
+    cfg = recipe.eval
+    chosen = {name: [it.id for it in v] for name, v in items.items() if not isinstance(v, str)}
+    out = {}
+    for mode in cfg.modes:
+        decoding = Decoding.of(cfg, mode)
+        for name, ids in chosen.items():
+            what = {"benchmark": name, "mode": mode, "ids": ids, "decoding": asdict(decoding),
+                    "task": _task(recipe, mode).model_dump(mode="json"), "seed": recipe.seed,
+                    "batch_size": cfg.batch_size, "backend": cfg.backend, "dtype": recipe.model.dtype,
+                    "model_kwargs": recipe.model.model_dump(mode="json", exclude={"name_or_path"}),
+                    "max_model_len": cfg.max_model_len}
+            if cfg.generation_batch_size and mode != "direct" and decoding.temperature == 0:
+                # Packed greedy calls mix benchmarks: a batch's neighbours (and padding) are part of its key.
+                what.update(generation_batch_size=cfg.generation_batch_size, all_ids=chosen)
+            out[(name, mode)] = (evalcache.key(digest, what), {**what, "model_path": model_path})
+    return out
+
+
+def _fill_from_cache(keys: dict, items: dict[str, list[Item] | str], folder: Path, n_of: dict[str, int]) -> None:
+    """Write the cached evaluations of this model into its folder (scored again), so generation skips them."""
+    for (name, mode), (cache_key, _) in keys.items():
+        target = _folder(folder, name, mode)
+        chosen = items[name]
+        if isinstance(chosen, str) or not missing(chosen, target, n_of[mode]):
+            continue
+        rows = evalcache.lookup(cache_key)
+        if rows is None:
+            continue
+        by_id = {it.id: it for it in chosen}
+        fresh = [score_row(by_id[r["id"]], r["sample"], r["completion"], r["completion_tokens"], r["truncated"])
+                 for r in rows]
+        target.mkdir(parents=True, exist_ok=True)
+        rundir.write_text(target / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in fresh))
+        log.info("%s (%s): %d rows from the evaluation cache", name, mode, len(fresh))
 
 
 def benchmark_items(recipe: Recipe) -> dict[str, list[Item] | str]:
@@ -239,7 +327,7 @@ def benchmark_items(recipe: Recipe) -> dict[str, list[Item] | str]:
     out: dict[str, list[Item] | str] = {}
     for name in cfg.benchmarks:
         try:
-            out[name] = select(load_benchmark(name, directory, cfg.mmlu_pro_categories), cfg.limit,
+            out[name] = select(load_benchmark(name, directory, cfg.mmlu_pro_categories), cfg.limits.get(name, cfg.limit),
                                cfg.limit_strategy, seed)
         except BenchmarkUnavailable as exc:
             out[name] = str(exc)
@@ -254,7 +342,7 @@ def _wait(run_dir: Path) -> None:
         PartialState().wait_for_everyone()
 
 
-def _replicas(recipe: Recipe, run_dir: Path) -> None:
+def _replicas(recipe: Recipe, run_dir: Path, folder: Path) -> None:
     """Start the vLLM replicas, each on its own `vllm_tensor_parallel_size` GPUs, and wait for them."""
     cfg = recipe.eval
     tp, dp = cfg.vllm_tensor_parallel_size, cfg.vllm_data_parallel_size
@@ -266,78 +354,80 @@ def _replicas(recipe: Recipe, run_dir: Path) -> None:
     procs = []
     for r in range(dp):
         env = {**os.environ, SHARD_ENV: f"{r}/{dp}", "CUDA_VISIBLE_DEVICES": ",".join(gpus[r * tp:(r + 1) * tp])}
-        procs.append(subprocess.Popen([sys.executable, "-m", "gazal.evaluate", str(run_dir)], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "gazal.evaluate", str(run_dir), str(folder)], env=env))
     codes = [p.wait() for p in procs]
     if any(codes):
         raise GazalError(f"evaluation replicas exited with {codes}; rerun to resume (finished batches are kept)")
 
 
-def generate_shares(recipe: Recipe, run_dir: Path, items: dict[str, list[Item] | str], rank: int, world: int) -> None:
-    """This process's share of every benchmark and mode, with one model load."""
+def generate_shares(recipe: Recipe, folder: Path, items: dict[str, list[Item] | str], rank: int, world: int) -> None:
+    """This process's share of every benchmark and mode for the model named in folder/model.txt, with
+    one model load (none when every row is already there)."""
     available = [(name, chosen) for name, chosen in items.items() if not isinstance(chosen, str)]
-    if not available:
+    if not any(missing(chosen, _folder(folder, name, mode), Decoding.of(recipe.eval, mode).n)
+               for name, chosen in available for mode in recipe.eval.modes):
         return
-    generator = make_generator((run_dir / "eval" / "model.txt").read_text().strip(), recipe)
+    generator = make_generator((folder / "model.txt").read_text().strip(), recipe)
     for mode in recipe.eval.modes:
-        evaluate_shares([(name, chosen, _folder(run_dir / "eval", name, mode)) for name, chosen in available],
+        evaluate_shares([(name, chosen, _folder(folder, name, mode)) for name, chosen in available],
                         generator, recipe, mode, rank, world)
+    del generator
+    gc.collect()
 
 
-def main(recipe: Recipe, run_dir: Path) -> dict:
-    """Evaluate the newest model of the run on the recipe's benchmarks; write eval/results.json.
-
-    Every process evaluates its share; only the main process merges and writes results."""
-    cfg = recipe.eval
-    model_path = rundir.model_for(run_dir, "eval", recipe)
-    out = rundir.start_stage(run_dir, "eval", recipe, keep=_resumable(run_dir, recipe, model_path))
-    if rundir.is_main_process():
-        (out / "model.txt").write_text(model_path + "\n")
-    _wait(run_dir)
-    rank, world = shard()
-    items = benchmark_items(recipe)
-    for name, chosen in items.items():
-        if isinstance(chosen, str):
-            log.warning("skipping %s: %s", name, chosen)
-    if cfg.backend == "vllm":
+def _generate(recipe: Recipe, run_dir: Path, folder: Path, items: dict[str, list[Item] | str]) -> None:
+    """Every process's (or vLLM replica's) share of one model's evaluation."""
+    if recipe.eval.backend == "vllm":
         # vLLM engines span GPUs themselves: the main process runs one, or starts the replicas; the
         # other processes of a `gazal run` launch have nothing to generate.
         if rundir.is_main_process():
-            if cfg.vllm_data_parallel_size > 1:
-                _replicas(recipe, run_dir)
+            if recipe.eval.vllm_data_parallel_size > 1:
+                _replicas(recipe, run_dir, folder)
             else:
-                generate_shares(recipe, run_dir, items, 0, 1)
+                generate_shares(recipe, folder, items, 0, 1)
     else:
-        generate_shares(recipe, run_dir, items, rank, world)
-    if not rundir.is_main_process():
-        return {}
+        rank, world = shard()
+        generate_shares(recipe, folder, items, rank, world)
+
+
+def _collect(recipe: Recipe, folder: Path, items: dict[str, list[Item] | str], model_path: str, world: int,
+             keys: dict) -> tuple[dict, dict[str, dict[str, list[dict]]]]:
+    """Merge one model's rows (waiting for the other processes), cache them, and compute its results."""
+    cfg = recipe.eval
     seed = recipe.seed if cfg.limit_seed is None else cfg.limit_seed
     results: dict = {
         "model": model_path,
         "backend": cfg.backend,
         "processes": cfg.vllm_data_parallel_size if cfg.backend == "vllm" else world,
         "prompt": {"system": recipe.task.system_prompt, "mcq_instruction": recipe.task.mcq_instruction,
-                   "yesno_instruction": recipe.task.yesno_instruction, "direct_instruction": cfg.direct_instruction},
+                   "yesno_instruction": recipe.task.yesno_instruction, "direct_instruction": cfg.direct_instruction,
+                   "direct_prefill": cfg.direct_prefill},
         "decoding": {"preset": cfg.preset, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                      "top_p": cfg.top_p, "top_k": cfg.top_k, "min_p": cfg.min_p, "num_samples": cfg.num_samples,
                      "chat_template_kwargs": cfg.chat_template_kwargs},
         "modes": list(cfg.modes),
+        "direct_method": direct_method(cfg) if "direct" in cfg.modes else None,
         "benchmarks": {},
     }
+    all_rows: dict[str, dict[str, list[dict]]] = {}
     for name, chosen in items.items():
+        limit = cfg.limits.get(name, cfg.limit)
         entry = {"definition": describe(name, cfg.mmlu_pro_categories),
-                 "paper_accuracy": PAPER[name] / 100 if name in PAPER else None, "limit": cfg.limit}
+                 "paper_accuracy": PAPER[name] / 100 if name in PAPER else None, "limit": limit}
         if isinstance(chosen, str):
             results["benchmarks"][name] = {**entry, "skipped": chosen}
             continue
-        if cfg.limit:
+        if limit:
             entry["selection"] = {"strategy": cfg.limit_strategy, "seed": seed if cfg.limit_strategy == "stratified"
                                   else None, "ids": [it.id for it in chosen]}
         merged = {}
         for mode in cfg.modes:
-            folder = _folder(out, name, mode)
+            target = _folder(folder, name, mode)
             n = Decoding.of(cfg, mode).n
-            _await_rows(name, mode, chosen, folder, n)
-            merged[mode] = merge(chosen, folder, n)
+            _await_rows(name, mode, chosen, target, n)
+            merged[mode] = merge(chosen, target, n)
+            if (name, mode) in keys:
+                evalcache.store(keys[(name, mode)][0], merged[mode], keys[(name, mode)][1])
         reasoning = "reasoning" if "reasoning" in merged else cfg.modes[0]
         entry.update(metrics(merged[reasoning]))
         entry["mode"] = reasoning
@@ -345,7 +435,65 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
             entry["direct"] = metrics(merged["direct"])
             entry["recall_vs_reasoning"] = recall_vs_reasoning(merged[reasoning], merged["direct"], cfg.max_new_tokens)
         results["benchmarks"][name] = entry
+        all_rows[name] = merged
         log.info("%s: accuracy %.3f (n=%d)", name, entry["accuracy"], entry["n"])
+    return results, all_rows
+
+
+def direct_method(cfg) -> str:
+    """How direct answers were obtained, said beside every direct figure."""
+    if cfg.direct_prefill:
+        return (f"generated, greedy, up to {cfg.direct_max_new_tokens} tokens after the prefill "
+                f"{cfg.direct_prefill!r} (the answer turn opens closed-thinking)")
+    return f"generated, greedy, up to {cfg.direct_max_new_tokens} tokens, no prefill"
+
+
+def main(recipe: Recipe, run_dir: Path) -> dict:
+    """Evaluate the run's model(s) on the recipe's benchmarks; write eval/results.json (and, with
+    `eval.stages`, every stage's results and the stage report card).
+
+    Every process evaluates its share; only the main process merges and writes results."""
+    cfg = recipe.eval
+    stages = stage_models(run_dir, recipe)
+    final = stages[-1][0]
+    keep = _same_settings(run_dir, recipe)
+    out = rundir.start_stage(run_dir, "eval", recipe, keep=("stages", *cfg.benchmarks, "model.txt") if keep else ())
+    items = benchmark_items(recipe)
+    for name, chosen in items.items():
+        if isinstance(chosen, str):
+            log.warning("skipping %s: %s", name, chosen)
+    n_of = {mode: Decoding.of(cfg, mode).n for mode in cfg.modes}
+    keys: dict[str, dict] = {}
+    if rundir.is_main_process():
+        if not keep:
+            shutil.rmtree(out / "stages", ignore_errors=True)
+        for stage, model_path in stages:
+            folder = stage_folder(out, stage, final)
+            _claim(folder, model_path, keep)
+            if cfg.cache:
+                keys[stage] = _cache_keys(recipe, model_path, items)
+                _fill_from_cache(keys[stage], items, folder, n_of)
+    _wait(run_dir)
+    world = shard()[1]
+    per_stage: dict[str, dict] = {}
+    rows: dict[str, dict] = {}
+    for stage, model_path in stages:
+        folder = stage_folder(out, stage, final)
+        if len(stages) > 1:
+            log.info("evaluating stage %s: %s", stage, model_path)
+        _generate(recipe, run_dir, folder, items)
+        if rundir.is_main_process():
+            per_stage[stage], rows[stage] = _collect(recipe, folder, items, model_path, world, keys.get(stage, {}))
+            per_stage[stage]["stage"] = stage
+            if folder != out:
+                rundir.write_json(folder / "results.json", {**per_stage[stage], **rundir.peak_memory()})
+    if not rundir.is_main_process():
+        return {}
+    results = per_stage[final]
+    if len(stages) > 1:
+        names = [s for s, _ in stages]
+        results["card"] = card.build(names, {s: stage_folder(out, s, final) for s in names}, per_stage, rows,
+                                     results["direct_method"])
     results.update(rundir.peak_memory())
     rundir.write_json(out / "results.json", results)
     trackers.log_eval(recipe, run_dir, results)  # before DONE: if a tracker fails, a rerun logs again
@@ -353,14 +501,15 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
     return results
 
 
-def _replica_main(run_dir: str) -> None:
-    """Entry point of one vLLM replica (`python -m gazal.evaluate RUN_DIR`, started by `_replicas`)."""
+def _replica_main(run_dir: str, folder: str) -> None:
+    """Entry point of one vLLM replica (`python -m gazal.evaluate RUN_DIR FOLDER`, started by `_replicas`):
+    its share of the evaluation of the model named in FOLDER/model.txt."""
     logging.basicConfig(level=os.environ.get("GAZAL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     recipe = load_recipe(str(Path(run_dir) / "eval" / "recipe.yaml"))
     rank, world = shard()
-    generate_shares(recipe, Path(run_dir), benchmark_items(recipe), rank, world)
+    generate_shares(recipe, Path(folder), benchmark_items(recipe), rank, world)
 
 
 if __name__ == "__main__":
-    _replica_main(sys.argv[1])
+    _replica_main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else str(Path(sys.argv[1]) / "eval"))

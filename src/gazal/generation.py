@@ -82,13 +82,15 @@ class Decoding:
     min_p: float | None = None
     n: int = 1
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    prefill: str = ""  # the assistant turn starts with this; completions include it
 
     @classmethod
     def of(cls, cfg: EvalSettings, mode: str) -> Decoding:
         """The recipe's decoding for a mode: 'reasoning' as configured, 'direct' greedy and short."""
         if mode == "direct":
             return cls(cfg.direct_max_new_tokens,
-                       chat_template_kwargs={**cfg.chat_template_kwargs, **cfg.direct_chat_template_kwargs})
+                       chat_template_kwargs={**cfg.chat_template_kwargs, **cfg.direct_chat_template_kwargs},
+                       prefill=cfg.direct_prefill)
         return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.num_samples,
                    dict(cfg.chat_template_kwargs))
 
@@ -118,7 +120,8 @@ class TransformersGenerator:
         """`decoding`'s completions per conversation (None: the recipe's reasoning-mode decoding)."""
         decoding = decoding or Decoding.of(self.cfg, "reasoning")
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False,
-                                                      **decoding.chat_template_kwargs) for c in conversations]
+                                                      **decoding.chat_template_kwargs) + decoding.prefill
+                   for c in conversations]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         sampling = decoding.temperature > 0
         # Seeded per call (evaluation passes one seed per fixed batch), so a resumed or data-parallel
@@ -144,7 +147,7 @@ class TransformersGenerator:
         for row in out[:, enc["input_ids"].shape[1]:].tolist():
             end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
             ids = row if end is None else row[:end]
-            flat.append(Completion(decode_completion(self.tokenizer, ids), len(ids), end is None))
+            flat.append(Completion(decoding.prefill + decode_completion(self.tokenizer, ids), len(ids), end is None))
         n = decoding.n
         return [flat[i * n:(i + 1) * n] for i in range(len(conversations))]
 
@@ -172,7 +175,6 @@ class VLLMGenerator:
         if not torch.cuda.is_available():
             raise GazalError("eval.backend: 'vllm' needs a CUDA GPU; use 'transformers' on CPU")
         self.cfg = recipe.eval
-        self.cfg = recipe.eval
         self.llm = LLM(**vllm_engine_kwargs(recipe, model_path))
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -186,10 +188,17 @@ class VLLMGenerator:
         params = SamplingParams(n=decoding.n, temperature=decoding.temperature,
                                 top_p=decoding.top_p if decoding.temperature > 0 else 1.0,
                                 max_tokens=decoding.max_new_tokens, seed=seed, **extra)
-        outputs = self.llm.chat(conversations, params, use_tqdm=False,
-                                chat_template_kwargs=decoding.chat_template_kwargs or None)
+        if decoding.prefill:
+            # vLLM's chat() cannot start the assistant turn with given text: render the template here.
+            prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False,
+                                                          **decoding.chat_template_kwargs) + decoding.prefill
+                       for c in conversations]
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        else:
+            outputs = self.llm.chat(conversations, params, use_tqdm=False,
+                                    chat_template_kwargs=decoding.chat_template_kwargs or None)
         eos = self.tokenizer.eos_token_id
-        return [[Completion(decode_completion(self.tokenizer, o.token_ids),
+        return [[Completion(decoding.prefill + decode_completion(self.tokenizer, o.token_ids),
                             len([t for t in o.token_ids if t != eos]), o.finish_reason == "length")
                  for o in req.outputs] for req in outputs]
 

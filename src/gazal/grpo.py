@@ -12,10 +12,9 @@ from datasets import Dataset
 from peft import PeftModel
 from trl import GRPOConfig, GRPOTrainer
 
-from gazal import audit, rundir
+from gazal import audit, difficulty, pubmedqa, rundir
 from gazal.adapters import MergedRollouts, drop_inert_dropout, lora_config, upcast_dora_magnitudes
 from gazal.config import Recipe
-from gazal.data import load_grpo_items
 from gazal.errors import GazalError
 from gazal.generation import weight_first_decode
 from gazal.models import load_model, load_tokenizer, model_kwargs, resolve_model
@@ -265,20 +264,24 @@ def _policy(recipe: Recipe, run_dir: Path):
 
 def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     """Train the GRPO adapter; write adapter, merged model, metrics, events and samples under run_dir/grpo."""
-    out = rundir.start_stage(run_dir, "grpo", recipe, keep=rundir.RESUMABLE + ("events.jsonl", "samples.jsonl", "samples.md")
-                             if resume else ())
+    resumable = rundir.RESUMABLE + ("events.jsonl", "samples.jsonl", "samples.md") if resume else ()
+    # The difficulty estimate is kept even without --resume: each row carries the key of what sampled it.
+    out = rundir.start_stage(run_dir, "grpo", recipe, keep=resumable + difficulty.FILES)
     cfg = recipe.grpo
-    items = load_grpo_items(recipe.data.grpo, recipe.data.grpo_limit)
+    items = pubmedqa.grpo_questions(recipe)
+    start = rundir.model_for(run_dir, "grpo", recipe)
+    tokenizer = load_tokenizer(start, recipe.model.revision, recipe.model.trust_remote_code)
+    audit.check_or_refuse(recipe, tokenizer)  # before loading weights: a gameable reward stops here
+    reward_funcs = [resolve_reward(s.name, s.params, tokenizer, cfg.max_completion_length) for s in cfg.rewards]
+    filtered = None
+    if cfg.difficulty_filter.enabled:  # sampled from the starting policy, freed before the trainer loads
+        items, filtered = difficulty.run(items, recipe, start, out)
     # The dataset's extra columns (answer, options, labels) reach every reward function as keywords.
     dataset = Dataset.from_list(
         [{"prompt": messages(it, recipe.task), "answer": it.answer, "options": it.options, "labels": it.labels}
          for it in items]
     )
     log.info("grpo: %d questions from %s", len(dataset), recipe.data.grpo)
-    tokenizer = load_tokenizer(rundir.model_for(run_dir, "grpo", recipe), recipe.model.revision,
-                               recipe.model.trust_remote_code)
-    audit.check_or_refuse(recipe, tokenizer)  # before loading weights: a gameable reward stops here
-    reward_funcs = [resolve_reward(s.name, s.params, tokenizer, cfg.max_completion_length) for s in cfg.rewards]
 
     args = trl_config(GRPOConfig, "grpo", config_kwargs(recipe, out), cfg.trl)
     # The model comes after the arguments: they set up the distributed state, under which
@@ -311,6 +314,8 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         monitor.resume(out / "metrics.jsonl", out / "events.jsonl", int(checkpoint.rsplit("-", 1)[1]))
     summary = {"questions": len(dataset), "base_model": base, "adapter": cfg.adapter,
                "rewards": {spec.name: spec.weight for spec in cfg.rewards}, "inert_dropout_replaced": inert_dropout}
+    if filtered is not None:
+        summary["difficulty_filter"] = filtered
     if monitor is not None:
         summary["monitor_rollbacks"] = monitor.rollbacks  # filled in while training
     return train_and_save(trainer, tokenizer, run_dir, "grpo", summary, recipe, base, checkpoint,

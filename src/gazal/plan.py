@@ -357,13 +357,17 @@ def _longest_prompt(conversations: list[list[dict[str, str]]], tokenizer, extra_
 
 def grpo_prompt_tokens(recipe: Recipe, tokenizer) -> tuple[int, str]:
     """The longest GRPO prompt in tokens, and how it was found."""
-    from gazal.data import load_grpo_items
+    from gazal import pubmedqa
     from gazal.tasks import messages
 
     spec = recipe.data.grpo
-    if not (spec.startswith("seed:") or Path(spec).expanduser().is_file()):
+    try:
+        local = spec.startswith("seed:") or Path(spec).expanduser().is_file() or pubmedqa.is_pool(spec)
+        items = pubmedqa.grpo_questions(recipe) if local else []
+    except GazalError:
+        local = False
+    if not local:
         return DEFAULT_GRPO_PROMPT, f"assumed: {spec} is not on this machine"
-    items = load_grpo_items(spec, recipe.data.grpo_limit)
     n = _longest_prompt([messages(it, recipe.task) for it in items], tokenizer)
     how = "tokenized" if tokenizer is not None else f"characters / {CHARS_PER_TOKEN}"
     return n, f"longest of {len(items)} prompts of {spec} ({how})"

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from gazal import pubmedqa
 from gazal.config import TRACKER_PACKAGES, Recipe
 from gazal.errors import GazalError, RecipeError
 
@@ -167,6 +168,13 @@ def check(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, ...], i
     paths += [(("data", "sft", str(i)), src.path) for i, src in enumerate(recipe.data.sft)]
     for key, value in paths:
         if value.startswith("seed:"):
+            continue
+        if pubmedqa.is_pool(value):
+            # Loaded here: a training row that is a test item is refused now, naming file, line and id.
+            try:
+                pubmedqa.load_pool(value, recipe)
+            except GazalError as exc:
+                raise GazalError(f"{where(*key)}: {'.'.join(key)}: {exc}") from None
             continue
         looks_local = value.endswith((".jsonl", ".json", ".parquet")) or value.startswith((".", "/", "~"))
         if looks_local and not Path(value).expanduser().is_file():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from gazal import report_html, rundir
+from gazal import card, report_html, rundir
 from gazal.benchmarks import TITLES
 from gazal.errors import GazalError
 from gazal.monitor import read_metrics
@@ -124,6 +124,30 @@ def recall_table(res: dict) -> list[str]:
     return lines + lengths
 
 
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def card_section(res: dict) -> list[str]:
+    """The stage report card: each stage's model on the same items, and each step's paired difference."""
+    c = res.get("card")
+    if not c:
+        return []
+    lines = ["## Stage report card", "",
+             "Every stage's model on the same items with the same decoding (" + ", ".join(
+                 f"{s}: `{m}`" for s, m in c["models"].items()) + "). Differences are paired item by item "
+             "(exact McNemar test and Newcombe interval; a paired bootstrap with several samples per item), as "
+             "`gazal compare` computes them. 'answered': the extractor found one valid answer; 'format': one "
+             "<think> block, then one clean answer statement (the format reward's rule)."]
+    if c.get("direct_method"):
+        lines.append(f"Direct answers: {c['direct_method']}.")
+    lines.append("")
+    for name, t in card.tables(c).items():
+        lines += [f"### {TITLES.get(name, name)}", "", *_md_table(card.STAGE_HEADER, t["stages"]), "",
+                  *_md_table(card.PAIR_HEADER, t["comparisons"]), "", *(f"- {n}" for n in t["notes"]), ""]
+    return lines
+
+
 def _eval_section(run_dir: Path) -> list[str]:
     if not rundir.is_done(run_dir, "eval"):
         return ["## Evaluation", "", "Not run (or not finished).", ""]
@@ -150,6 +174,8 @@ def main(run_dir: Path) -> Path:
              f"- run directory: `{run_dir}`",
              f"- base model: `{recipe['model']['name_or_path']}`",
              "- libraries: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "platform"), ""]
+    if rundir.is_done(run_dir, "eval"):
+        lines += card_section(rundir.read_json(run_dir / "eval" / "results.json"))
     lines += _stage_section(run_dir, "sft")
     lines += _stage_section(run_dir, "grpo")
     lines += _eval_section(run_dir)

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from gazal import rundir
+from gazal import card, rundir
 from gazal.benchmarks import TITLES
 from gazal.monitor import read_metrics
 
@@ -199,6 +199,39 @@ def _evaluation(run_dir: Path) -> list[str]:
             '<div class="plots">' + "".join(p for p in plots if p) + "</div>", *_comparisons(run_dir), "</section>"]
 
 
+def _html_table(header: list[str], rows: list[list[str]], css: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table class='{css}'><tr>{head}</tr>{body}</table>"
+
+
+def _card(run_dir: Path) -> list[str]:
+    """The stage report card (eval/results.json: card), first on the page."""
+    if not rundir.is_done(run_dir, "eval") or not (run_dir / "eval" / "results.json").is_file():
+        return []
+    c = rundir.read_json(run_dir / "eval" / "results.json").get("card")
+    if not c:
+        return []
+    out = ['<section id="card"><h2>Stage report card</h2>',
+           "<p>Every stage's model on the same items with the same decoding; differences paired item by item, "
+           "as <code>gazal compare</code> computes them." +
+           (f" Direct answers: {html.escape(c['direct_method'])}." if c.get("direct_method") else "") + "</p>"]
+    stages = c["stages"]
+    names = list(c["benchmarks"])
+    if names:
+        bars = {card.STAGE_TITLES.get(s, s): [c["benchmarks"][n]["stages"][s]["accuracy"] for n in names] for s in stages}
+        errors = {card.STAGE_TITLES.get(s, s): [tuple(c["benchmarks"][n]["stages"][s]["ci95"]) for n in names]
+                  for s in stages}
+        out.append('<div class="plots">' + _bars([TITLES.get(n, n).split(" (")[0] for n in names], bars,
+                                                 "accuracy by stage (95% interval)", "card-accuracy", errors) + "</div>")
+    for name, t in card.tables(c).items():
+        out += [f"<h3>{html.escape(TITLES.get(name, name))}</h3>",
+                _html_table(card.STAGE_HEADER, t["stages"], "card"),
+                _html_table(card.PAIR_HEADER, t["comparisons"], "card-pairs"),
+                "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in t["notes"]) + "</ul>"]
+    return out + ["</section>"]
+
+
 def _comparisons(run_dir: Path) -> list[str]:
     """`gazal compare --json` files saved in the run directory (compare*.json), when there are any."""
     out = []
@@ -316,9 +349,9 @@ def write(run_dir: Path, recipe: dict, versions: dict) -> Path:
              f"<p>Run directory <code>{html.escape(str(run_dir))}</code>; base model "
              f"<code>{html.escape(str(recipe['model']['name_or_path']))}</code>; "
              + html.escape(", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "platform")) + "</p>",
-             "<nav><a href='#sft'>SFT</a> · <a href='#grpo'>GRPO</a> · <a href='#eval'>Evaluation</a> · "
-             "<a href='#samples'>Samples</a></nav>",
-             *_stage(run_dir, "sft", SFT_PANELS), *_stage(run_dir, "grpo", GRPO_PANELS), *_evaluation(run_dir),
+             "<nav><a href='#card'>Stage card</a> · <a href='#sft'>SFT</a> · <a href='#grpo'>GRPO</a> · "
+             "<a href='#eval'>Evaluation</a> · <a href='#samples'>Samples</a></nav>",
+             *_card(run_dir), *_stage(run_dir, "sft", SFT_PANELS), *_stage(run_dir, "grpo", GRPO_PANELS), *_evaluation(run_dir),
              *_samples(run_dir)]
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>Gazal run: {html.escape(str(recipe['name']))}</title><style>{STYLE}</style></head><body>"

@@ -49,7 +49,7 @@ def _options(options: dict[str, str] | None) -> str:
 def rows_from_run(run_dir: Path, source: str) -> list[dict]:
     """Review rows from a run's evaluation samples (reasoning mode) or GRPO rollout samples."""
     from gazal import evaluate
-    from gazal.data import load_grpo_items
+    from gazal.pubmedqa import grpo_questions
     from gazal.recipes import load_recipe
 
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
@@ -76,7 +76,7 @@ def rows_from_run(run_dir: Path, source: str) -> list[dict]:
             raise GazalError(f"{run_dir}: no evaluation samples (eval/<benchmark>/samples.jsonl)")
         return rows
     task: TaskSettings = recipe.task
-    items = {user_text(it, task): it for it in load_grpo_items(recipe.data.grpo, recipe.data.grpo_limit)}
+    items = {user_text(it, task): it for it in grpo_questions(recipe)}
     path = run_dir / "grpo" / "samples.jsonl"
     if not path.is_file():
         raise GazalError(f"{path}: no GRPO samples (grpo.samples_every writes them)")

@@ -72,6 +72,9 @@ def metrics(rows: list[dict]) -> dict:
         "status_rates": {st: statuses.get(st, 0) / total for st in STATUSES},
         "mean_completion_tokens": (sum(r.get("completion_tokens", 0) for r in rows) / total) if rows else None,
         "truncation_rate": (sum(bool(r.get("truncated")) for r in rows) / total) if rows else None,
+        # The format reward's rule (one <think> block, then one clean answer), where rows record it.
+        "format_rate": (sum(bool(r["well_formed"]) for r in rows) / total) if rows and all(
+            "well_formed" in r for r in rows) else None,
     }
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from gazal import rundir
+from gazal import pubmedqa, rundir
 from gazal.adapters import lora_config, upcast_dora_magnitudes
 from gazal.config import Recipe
 from gazal.data import load_sft_mixture
@@ -106,8 +106,10 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     """Train the SFT adapter; write adapter, merged model, metrics and summary under run_dir/sft."""
     out = rundir.start_stage(run_dir, "sft", recipe, keep=rundir.RESUMABLE if resume else ())
     cfg = recipe.sft
+    pool, pool_validation, pool_overlap = pubmedqa.sft_sources(recipe)
     rows, held_out = load_sft_mixture(recipe.data.sft, recipe.seed, recipe.data.sft_limit,
-                                      recipe.data.sft_validation_fraction)
+                                      recipe.data.sft_validation_fraction, loaded=pool)
+    held_out += pool_validation
     base = rundir.model_for(run_dir, "sft", recipe)
     tokenizer = load_tokenizer(base, recipe.model.revision, recipe.model.trust_remote_code)
     train, dropped = drop_overlong([{**to_chat(r, recipe.task.system_prompt), "where": r["where"]} for r in rows],
@@ -126,4 +128,5 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     return train_and_save(trainer, trainer.processing_class, run_dir, "sft", {
         "examples": len(train), "validation_examples": len(validation), "dropped_overlong": len(dropped),
         "dropped_overlong_validation": len(dropped_val), "base_model": base,
-        "sources": [s.model_dump(mode="json") for s in recipe.data.sft]}, recipe, base, checkpoint)
+        "sources": [s.model_dump(mode="json") for s in recipe.data.sft],
+        **({"test_overlap": pool_overlap} if pool_overlap else {})}, recipe, base, checkpoint)

@@ -171,6 +171,21 @@ def eval_metrics(results: dict) -> dict[str, float]:
             if m.get("ci95"):
                 values["ci95_low"], values["ci95_high"] = m["ci95"]
             out.update({f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))})
+    # The stage report card: each stage's figures, and each paired comparison's difference and p-value.
+    card = results.get("card") or {}
+    for name, bench in card.get("benchmarks", {}).items():
+        for stage, c in bench["stages"].items():
+            values = {"accuracy": c["accuracy"], "ci95_low": c["ci95"][0], "ci95_high": c["ci95"][1],
+                      "answered_rate": c["answered_rate"], "format_rate": c["format_rate"],
+                      "mean_completion_tokens": c["mean_completion_tokens"]}
+            if c.get("direct"):
+                values["direct_accuracy"] = c["direct"]["accuracy"]
+            out.update({f"eval/stage/{stage}/{name}/{k}": float(v) for k, v in values.items()
+                        if isinstance(v, (int, float))})
+        for p in bench["comparisons"]:
+            prefix = f"eval/compare/{p['a']}_to_{p['b']}/{name}" + ("" if p["mode"] == "reasoning" else "/direct")
+            out.update({f"{prefix}/difference": float(p["difference"]), f"{prefix}/p_value": float(p["p_value"]),
+                        f"{prefix}/ci95_low": float(p["ci95"][0]), f"{prefix}/ci95_high": float(p["ci95"][1])})
     return out
 
 
