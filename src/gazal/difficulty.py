@@ -75,24 +75,9 @@ def verdict(correct: int, samples: int, settings: DifficultyFilterSettings) -> s
     return "kept"
 
 
-def _read(path: Path) -> list[dict]:
-    """Whole lines of a file another process may be appending to (read only: never truncated here)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
-
-
 def _rows(path: Path) -> list[dict]:
     """Every finished row: the main file, then the other processes' parts."""
-    return [row for p in [path, *sorted((path.parent / PARTS).glob("*.jsonl"))] for row in _read(p)]
+    return [row for p in [path, *sorted((path.parent / PARTS).glob("*.jsonl"))] for row in rundir.appended_rows(p)]
 
 
 def _await(path: Path, wanted: set[str]) -> dict[str, dict]:

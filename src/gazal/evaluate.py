@@ -74,27 +74,12 @@ def _folder(out: Path, name: str, mode: str) -> Path:
     return out / name if mode == "reasoning" else out / name / mode
 
 
-def _read(path: Path) -> list[dict]:
-    """Whole lines of a file another process may be appending to (read only: never truncated here)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
-
-
 def _rows(folder: Path) -> dict[tuple[str, int], dict]:
     """Every finished (item, sample) row of a benchmark folder: merged file first, then the parts;
     the first copy of a row wins (a batch regenerated after a kill may repeat rows)."""
     found: dict[tuple[str, int], dict] = {}
     for path in [folder / "samples.jsonl", *sorted((folder / "parts").glob("*.jsonl"))]:
-        for row in _read(path):
+        for row in rundir.appended_rows(path):
             found.setdefault((row["id"], row.get("sample", 0)), row)
     return found
 

@@ -39,6 +39,15 @@ def _stage_section(run_dir: Path, stage: str) -> list[str]:
         lines.append(f"- {s.get('dropped_overlong', 0)} rows dropped as longer than max_length; "
                      f"{s.get('validation_examples', 0)} held out" +
                      (f", final eval loss {s['eval_loss']:.4f}" if s.get("eval_loss") is not None else ""))
+    for source, o in (s.get("test_overlap") or {}).items():
+        lines.append(f"- {source} against the test set ({o['test_source']}): {len(o['shared_ids'])} shared ids; "
+                     f"{o['items_sharing_an_ngram']} of {o['training_items']} training items share a word "
+                     f"{o['ngram']}-gram with it, at most {100 * o['largest_shared_fraction']:.1f}% of an item's")
+    f = s.get("difficulty_filter")
+    if f:
+        lines.append(f"- difficulty filter: {f['kept']} of {f['estimated']} questions kept ({f['too_easy']} too easy, "
+                     f"{f['too_hard']} too hard at k={f['samples']}, {f['not_estimated']} not estimated); questions by "
+                     "right answers: " + ", ".join(f"{c}: {n}" for c, n in f["by_correct"].items()))
     if s.get("resumed_from"):
         lines.append(f"- resumed from `{s['resumed_from']}`")
     events = read_metrics(folder / "events.jsonl")  # same JSON-lines shape

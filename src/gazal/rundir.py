@@ -161,6 +161,21 @@ def finished_rows(path: Path) -> list[dict]:
     return rows
 
 
+def appended_rows(path: Path) -> list[dict]:
+    """Whole lines of a JSONL file another process may be appending to (read only: never truncated here)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
