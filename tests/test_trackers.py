@@ -112,6 +112,21 @@ def test_eval_metrics_names():
                  "eval/medqa/direct/n": 4.0, "eval/medqa/direct/ci95_low": 0.0, "eval/medqa/direct/ci95_high": 0.7}
 
 
+def test_eval_metrics_tag_each_stage_of_the_card():
+    cell = {"accuracy": 0.5, "ci95": [0.2, 0.8], "answered_rate": 1.0, "format_rate": 0.75,
+            "mean_completion_tokens": 40.0, "direct": {"accuracy": 0.25}}
+    pair = {"a": "base", "b": "sft", "difference": 0.25, "p_value": 0.5, "ci95": [-0.1, 0.6]}
+    results = {"benchmarks": {}, "card": {"benchmarks": {"pubmedqa": {
+        "stages": {"base": {**cell, "accuracy": 0.25}, "sft": cell},
+        "comparisons": [{**pair, "mode": "reasoning"}, {**pair, "mode": "direct", "difference": 0.0}]}}}}
+    m = trackers.eval_metrics(results)
+    assert m["eval/stage/base/pubmedqa/accuracy"] == 0.25 and m["eval/stage/sft/pubmedqa/accuracy"] == 0.5
+    assert m["eval/stage/sft/pubmedqa/format_rate"] == 0.75 and m["eval/stage/sft/pubmedqa/direct_accuracy"] == 0.25
+    assert m["eval/compare/base_to_sft/pubmedqa/difference"] == 0.25
+    assert m["eval/compare/base_to_sft/pubmedqa/p_value"] == 0.5
+    assert m["eval/compare/base_to_sft/pubmedqa/direct/difference"] == 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Weights & Biases, offline
 
