@@ -69,6 +69,20 @@ def _write(tmp_path, text):
         ("name: x\neval:\n  preset: qwen2\n", ["recipe.yaml:3", "eval.preset"]),
         ("name: x\neval:\n  limit_strategy: random\n", ["eval.limit_strategy"]),
         ("name: x\neval:\n  preset: qwen3-thinking\n  num_samples: 4\n  temperature: 0\n", ["eval.num_samples"]),
+        # A vLLM server's GPUs (for `gazal plan`) declared where vLLM is colocated; impossible sizes.
+        ("name: x\ngrpo:\n  use_vllm: true\n  vllm_server_tensor_parallel_size: 4\n",
+         ["recipe.yaml:4", "grpo.vllm_server_tensor_parallel_size describes", "vllm_mode colocate"]),
+        ("name: x\ngrpo:\n  use_vllm: true\n  vllm_mode: server\n  vllm_tensor_parallel_size: 4\n",
+         ["grpo.vllm_tensor_parallel_size", "grpo.vllm_server_tensor_parallel_size"]),
+        ("name: x\ngrpo:\n  vllm_server_data_parallel_size: 0\n",
+         ["grpo.vllm_server_data_parallel_size: Input should be greater than 0"]),
+        ("name: x\ngrpo:\n  vllm_server_gpu_memory_utilization: 1.5\n",
+         ["grpo.vllm_server_gpu_memory_utilization: Input should be less than or equal to 1"]),
+        # A hub source's declared size (SFT's step estimate) must be a count.
+        ("name: x\ndata:\n  sft:\n    - path: someone/sft-set\n      rows: 0\n",
+         ["recipe.yaml:5", "data.sft.0.rows: Input should be greater than 0"]),
+        ("name: x\ndata:\n  sft:\n    - path: someone/sft-set\n      mean_tokens: -1\n",
+         ["data.sft.0.mean_tokens: Input should be greater than 0"]),
         # 2 completions per pass x 3 passes per rollout batch: not whole groups of 4.
         ("name: x\ngrpo:\n  per_device_train_batch_size: 2\n  steps_per_generation: 3\n",
          ["grpo.num_generations", "steps_per_generation"]),

@@ -2,6 +2,7 @@
 keys, the CLI table, and the CPU estimate against the peak a real tiny run measures."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from gazal import plan
+from gazal import plan, plan_report
 from gazal.adapters import lora_config
 from gazal.cli import main
 from gazal.config import LoraSettings
@@ -101,37 +102,113 @@ def _stage(p, name):
     return next(ph for ph in p.phases if ph.name == name)
 
 
+# The 32B recipe without its vLLM server: the engine shares the training GPUs.
+NO_SERVER = ["grpo.vllm_server_base_url=null", "grpo.vllm_server_tensor_parallel_size=null",
+             "grpo.vllm_server_data_parallel_size=null"]
 COLOCATED = ["grpo.vllm_mode=colocate", "grpo.vllm_tensor_parallel_size=4", "grpo.vllm_gpu_memory_utilization=0.35",
-             "grpo.vllm_enable_sleep_mode=true", "grpo.vllm_server_base_url=null"]
+             "grpo.vllm_enable_sleep_mode=true", *NO_SERVER]
+QWEN3_32B = 32_762_123_264
 
 
-def test_the_32b_recipe_fits_8_x_80_gib_and_a_colocated_engine_would_not():
+def test_the_32b_recipe_counts_its_16_gpus_and_fits_by_its_own_arithmetic():
     recipe = load_recipe("gazal-r1-32b")
     p = plan.plan(recipe, gpus=8, gpu_memory_gib=80)
     assert p.sharding == "zero3"  # the shipped launch line's DeepSpeed config
-    assert not plan.failures(p)
-    plan.check(p)
-    sft, ev = _stage(p, "sft"), _stage(p, "eval")
+    # 8 training processes on node A + trl vllm-serve at TP 8 on node B.
+    assert (p.world, p.server_gpus, p.total_gpus) == (8, 8, 16)
+    assert not plan_report.failures(p) and not p.warnings
+    plan_report.check(p, strict=True)
+    sft, ev, server = _stage(p, "sft"), _stage(p, "eval"), _stage(p, "grpo server")
     # The recipe's own arithmetic: layer inputs 64 x 8,192 x 5,120 x 2 bytes = 5 GiB; weights 61 GiB / 8.
     assert sft.rows["activations"] == 64 * 8192 * 5120 * 2
-    assert sft.rows["weights"] == pytest.approx(32_762_123_264 * 2 / 8)
+    assert sft.rows["weights"] == pytest.approx(QWEN3_32B * 2 / 8)
     # Evaluation: TP 2 halves the weights (30.5 GiB); 0.9 x 80 GiB - 30.5 - 4 = ~37.5 GiB of cache
     # at 128 KiB a token: ~30 sequences of max_model_len 10,240.
     assert ev.rows["weights"] / plan.GIB == pytest.approx(30.51, abs=0.01)
     assert ev.rows["KV cache"] / (128 * 1024) / 10240 == pytest.approx(30.0, abs=0.1)
+    # A server GPU (the recipe's comment): 0.9 x 80 = 72 GiB, weights / TP 8 = 7.6 GiB, 4 GiB
+    # overhead, 60.4 GiB of cache at 64 layers x 1 KV head x 128 x K,V x 2 bytes = 32 KiB a token.
+    assert server.reserved == 0.9 * 80 * plan.GIB and server.fits
+    assert server.rows["weights"] == pytest.approx(QWEN3_32B * 2 / 8)
+    assert server.rows["KV cache"] / plan.GIB == pytest.approx(60.37, abs=0.01)
+    assert p.recipe.grpo.per_device_train_batch_size * 8 * 32 == 512  # a step's rollouts...
+    assert server.rows["KV cache"] / (32 * 1024) / 2560 > 512  # ...all in the cache at once
     assert all(ph.total < 80 * plan.GIB for ph in p.phases)
-    # The weight sync: TRL gathers the whole model on every GPU to merge the PEFT adapter (ZeRO-3);
-    # it fits only because vLLM serves from GPUs of its own.
+
+
+def test_the_weight_sync_is_one_layer_not_the_model():
+    p = plan.plan(load_recipe("gazal-r1-32b"), gpus=8, gpu_memory_gib=80)
+    arch = p.arch
     sync = _stage(p, "grpo sync")
-    assert sync.rows["gathered weights (whole model)"] == 32_762_123_264 * 2 and sync.fits
+    # One decoder layer gathered (q 5120 x 8192, k/v 5120 x 1024, o 8192 x 5120, MLP 3 x 5120 x 25600,
+    # norms: 0.91 GiB) and one linear folded at a time, the largest (5120 x 25600) in a float32
+    # buffer and its bfloat16 cast (0.73 GiB), against TRL's whole-model gather of 61 GiB.
+    layer = 2 * 5120 * 8192 + 2 * 5120 * 1024 + 3 * 5120 * 25600 + 2 * 5120 + 2 * 128
+    assert sync.rows["gathered layer (layer-wise sync)"] == layer * 2 == arch.layer_params() * 2
+    assert sync.rows["folded linear (layer-wise sync)"] == 5120 * 25600 * (4 + 2)
+    assert "gathered weights (whole model)" not in sync.rows
+    extra = sync.total - sum(sync.rows[k] for k in ("weights", "adapter + grads + AdamW", "CUDA context + NCCL"))
+    assert extra < 2 * plan.GIB < QWEN3_32B * 2 / 30
+    # The layout the whole-model gather ruled out (~89 GiB a GPU): a colocated engine at TP 4 with
+    # sleep mode now syncs in ~27.5 GiB.
     colocated = plan.plan(load_recipe("gazal-r1-32b", COLOCATED), gpus=8, gpu_memory_gib=80)
-    assert not _stage(colocated, "grpo sync").fits
-    with pytest.raises(GazalError, match="grpo sync") as err:
-        plan.check(colocated)
+    assert colocated.server_gpus == 0
+    assert _stage(colocated, "grpo sync").total / plan.GIB == pytest.approx(27.53, abs=0.01)
+    assert not plan_report.failures(colocated)
+
+
+def test_colocated_on_8_gpus_as_trl_defaults_does_not_fit_and_strict_exits_2(capsys):
+    """The 32B recipe with its server removed: vLLM colocated at TRL's defaults (TP 1, 0.3 of each GPU)."""
+    over = ["grpo.vllm_mode=colocate", *NO_SERVER]
+    p = plan.plan(load_recipe("gazal-r1-32b", over), gpus=8, gpu_memory_gib=80)
+    assert p.total_gpus == 8
+    bad = plan_report.failures(p)
+    assert any("grpo: vLLM's share (24.0 GiB) cannot hold the weights (61.0 GiB at TP 1)" in b
+               and "change grpo.vllm_tensor_parallel_size" in b for b in bad)
+    with pytest.raises(GazalError, match="does not fit") as err:
+        plan_report.check(p, strict=True)
     assert err.value.exit_code == 2
-    # Under FSDP the sync goes parameter by parameter, and the colocated layout fits.
-    assert not plan.failures(plan.plan(load_recipe("gazal-r1-32b", COLOCATED), gpus=8, gpu_memory_gib=80,
-                                       sharding="fsdp"))
+    for strict in ([], ["--strict"]):
+        assert main(["plan", "--config", "gazal-r1-32b", "--gpus", "8", "--gpu-memory", "80", *strict, *over]) == 2
+        assert "change grpo.vllm_tensor_parallel_size" in capsys.readouterr().err
+
+
+def test_a_server_whose_gpus_are_not_declared_is_a_warning_and_strict_exits_2(capsys):
+    """Server mode without grpo.vllm_server_*: the plan cannot count the server's GPUs."""
+    over = ["grpo.vllm_server_tensor_parallel_size=null", "grpo.vllm_server_data_parallel_size=null"]
+    p = plan.plan(load_recipe("gazal-r1-32b", over), gpus=8, gpu_memory_gib=80)
+    assert p.server_gpus == 0 and not any(ph.name == "grpo server" for ph in p.phases)
+    assert not plan_report.failures(p) and len(p.warnings) == 1
+    args = ["plan", "--config", "gazal-r1-32b", "--gpus", "8", "--gpu-memory", "80", *over]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "grpo.vllm_server_tensor_parallel_size (and _data_parallel_size) are not set" in out
+    assert main([*args, "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "--strict refuses its warnings" in err and "grpo.vllm_server_tensor_parallel_size" in err
+
+
+def test_the_server_layout_is_checked_against_the_model():
+    # TP 16 spans two nodes of 8; DP 2 is refused by TRL's vllm-serve for a dense model; TP 3
+    # does not divide 64 heads / 8 KV heads.
+    for over, key in ((["grpo.vllm_server_tensor_parallel_size=16"], "grpo.vllm_server_tensor_parallel_size"),
+                      (["grpo.vllm_server_tensor_parallel_size=4", "grpo.vllm_server_data_parallel_size=2"],
+                       "grpo.vllm_server_data_parallel_size"),
+                      (["grpo.vllm_server_tensor_parallel_size=3"], "grpo.vllm_server_tensor_parallel_size")):
+        p = plan.plan(load_recipe("gazal-r1-32b", over), gpus=8, gpu_memory_gib=80)
+        assert any(f"change {key}" in b for b in plan_report.failures(p)), over
+    # TP 1: 61 GiB of weights and 4 of overhead leave 7 GiB of the server's 72, at 256 KiB a token
+    # 28.6k tokens: 11 sequences of 2,560 at a time of the 512 a step brings.
+    p = plan.plan(load_recipe("gazal-r1-32b", ["grpo.vllm_server_tensor_parallel_size=1"]), gpus=8, gpu_memory_gib=80)
+    assert p.server_gpus == 1 and not plan_report.failures(p)
+    assert any("the vLLM server's cache holds 11 sequences an engine and a rollout batch brings 512" in n
+               for n in p.notes)
+
+
+def test_server_fields_with_a_colocated_engine_are_refused_naming_the_key(capsys):
+    assert main(["validate", "--config", "gazal-r1-32b", "grpo.vllm_mode=colocate",
+                 "grpo.vllm_server_base_url=null"]) == 2
+    assert "grpo.vllm_server_tensor_parallel_size describes the `trl vllm-serve` server" in capsys.readouterr().err
 
 
 def test_a_recipe_that_cannot_fit_exits_2_naming_the_key(capsys):
@@ -145,20 +222,89 @@ def test_a_recipe_that_cannot_fit_exits_2_naming_the_key(capsys):
     assert "sft needs" in err and "largest part is activations" in err and "change sft.gradient_checkpointing" in err
     # vLLM's colocated share too small for its weights.
     assert main(["plan", "--config", "gazal-r1-32b", "--gpus", "8", "--gpu-memory", "80", "--sharding", "fsdp",
-                 *COLOCATED[:-2], "grpo.vllm_tensor_parallel_size=1", "grpo.vllm_server_base_url=null"]) == 2
+                 "grpo.vllm_mode=colocate", "grpo.vllm_tensor_parallel_size=1", "grpo.vllm_gpu_memory_utilization=0.35",
+                 *NO_SERVER]) == 2
     assert "change grpo.vllm_tensor_parallel_size" in capsys.readouterr().err
 
 
 def test_cli_prints_the_table(capsys):
-    assert main(["plan", "--config", "gazal-r1-32b", "--gpus", "8", "--gpu-memory", "80"]) == 0
+    assert main(["plan", "--config", "gazal-r1-32b", "--gpus", "8", "--gpu-memory", "80", "--strict"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("GiB"))
-    assert header.split()[1:] == ["sft", "grpo", "rollout", "grpo", "sync", "grpo", "train", "eval"]
-    for row in ("weights", "adapter + grads + AdamW", "activations", "LM head tiles", "gathered weights (whole model)",
-                "KV cache", "total", "budget"):
+    assert header.split()[1:] == ["sft", "grpo", "rollout", "grpo", "sync", "grpo", "train", "grpo", "server", "eval"]
+    for row in ("weights", "adapter + grads + AdamW", "activations", "LM head tiles",
+                "gathered layer (layer-wise sync)", "KV cache", "total", "budget"):
         assert any(line.startswith(row) for line in out.splitlines()), row
     assert "Gazal's table of known architectures" in out and "tokens/s" in out and "estimate" in out
-    assert "verdict: gazal-r1-32b fits 8 x 80 GiB" in out
+    assert "GPUs: 8 training (1 node(s) x 8) + 8 for the vLLM server" in out
+    assert "sft steps: ~51 optimizer steps" in out
+    assert "verdict: gazal-r1-32b fits 16 x 80 GiB (8 training + 8 for the vLLM server)" in out
+
+
+def _sft_file(tmp_path, n=60):
+    """n examples of exactly 700 characters with the think tags: 200 tokens at 3.5 a token, + 2
+    messages x 8 template tokens + 1 EOS = 217 tokens each."""
+    path = tmp_path / "sft.jsonl"
+    row = {"case": "c" * 300, "reasoning": "r" * 350, "answer": "a" * 32}
+    path.write_text("\n".join(json.dumps(row) for _ in range(n)) + "\n")
+    return str(path)
+
+
+def test_sft_step_estimate_with_and_without_packing(tmp_path):
+    from gazal import sft_steps
+
+    base = [*TINY, f"data.sft={_sft_file(tmp_path)}", "data.sft_limit=null", "sft.max_length=1024",
+            "sft.per_device_train_batch_size=1", "sft.num_train_epochs=1", "sft.max_steps=-1"]
+    # 60 x 217 = 13,020 tokens: packed into ceil(13,020 / 1,024) = 13 rows; unpacked, 60 rows.
+    for packing, accumulation, processes, steps in ((True, 1, 1, 13), (False, 1, 1, 60), (True, 2, 1, 7),
+                                                    (False, 4, 2, 8)):
+        recipe = load_recipe("demo", [*base, f"sft.packing={packing}",
+                                      f"sft.gradient_accumulation_steps={accumulation}"])
+        est, why = sft_steps.estimate(recipe, processes)
+        assert est is not None, why
+        assert (est.examples, est.tokens, est.steps) == (60, pytest.approx(60 * 217), steps), (packing, accumulation)
+    # The 32B recipe, from its declared size: 107,033 rows less 1% held out = 105,963 x 1,000 tokens
+    # = 12,935 rows of 8,192; / 8 processes = 1,617 micro-batches a process; / 32 = 51 steps. Unpacked
+    # (the old comment's ~420): 105,963 / 8 = 13,246; / 32 = 414.
+    r1 = load_recipe("gazal-r1-32b")
+    assert sft_steps.estimate(r1, 8)[0].steps == 51
+    assert sft_steps.estimate(load_recipe("gazal-r1-32b", ["sft.packing=false"]), 8)[0].steps == 414
+    assert plan.plan(r1, gpus=8, gpu_memory_gib=80).sft_steps.steps == 51
+    # Not on this machine and not declared: no estimate, and why.
+    est, why = sft_steps.estimate(load_recipe("gazal-r1-32b", ["data.sft.0.rows=null"]), 8)
+    assert est is None and "data.sft.0.rows" in why
+
+
+def test_the_save_steps_warning_fires_past_the_estimated_steps_and_not_before(tmp_path, caplog, monkeypatch, capsys):
+    # Under accelerate launch on 8 GPUs (WORLD_SIZE=8) the 32B recipe's SFT takes ~51 steps.
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    for save, eval_, warned in ((60, 10, ["sft.save_steps=60"]), (50, 10, []), (10, 52, ["sft.eval_steps=52"]),
+                                (10, 51, [])):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gazal.recipes"):
+            assert main(["validate", "--config", "gazal-r1-32b", f"sft.save_steps={save}",
+                         f"sft.eval_steps={eval_}"]) == 0
+        found = [r.getMessage() for r in caplog.records if "optimizer steps SFT is estimated" in r.getMessage()]
+        assert [w for w in warned if any(w in f for f in found)] == warned and len(found) == len(warned), found
+        if warned:
+            assert "~51 optimizer steps" in found[0] and "8 process(es)" in found[0]
+    # gazal plan warns with the launch's processes, and --strict refuses.
+    monkeypatch.delenv("WORLD_SIZE")
+    args = ["plan", "--config", "gazal-r1-32b", "--gpus", "8", "--gpu-memory", "80", "sft.save_steps=200"]
+    assert main(args) == 0
+    assert "sft.save_steps=200 exceeds the ~51 optimizer steps" in capsys.readouterr().out
+    assert main([*args, "--strict"]) == 2
+    assert "sft.save_steps=200" in capsys.readouterr().err
+    # A local file is counted: 60 examples packed into 13 rows, one process: 13 steps.
+    local = [*TINY, f"data.sft={_sft_file(tmp_path)}", "data.sft_limit=null", "sft.max_length=1024",
+             "sft.packing=true", "sft.per_device_train_batch_size=1", "sft.gradient_accumulation_steps=1",
+             "sft.num_train_epochs=1", "sft.max_steps=-1", "sft.eval_steps=null"]
+    for save, warned in ((14, True), (13, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gazal.recipes"):
+            load_recipe("demo", [*local, f"sft.save_steps={save}"])
+        assert any(f"sft.save_steps={save} exceeds the ~13 optimizer steps" in r.getMessage()
+                   for r in caplog.records) == warned
 
 
 def test_cpu_estimate_is_within_25_percent_of_measured_peaks(tmp_path):

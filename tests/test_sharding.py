@@ -181,13 +181,16 @@ def test_zero3_rollback_restores_partitions_exactly_and_resume_continues(runs, t
     assert steps == [1, 2, 3, 4]
 
 
-def test_zero3_bfloat16_grpo_with_dora_and_sampler_logprobs(runs, tmp_path):
+@pytest.mark.parametrize("adapter", ["new", "continue"])
+def test_zero3_bfloat16_grpo_with_dora_and_sampler_logprobs(runs, tmp_path, adapter):
     # The paper-scale setting: bfloat16 weights under ZeRO-3. Recasting DoRA magnitudes to float32
-    # here made DeepSpeed's engine fail at its first step (mixed dtypes in one partition buffer).
+    # here made DeepSpeed's engine fail at its first step (mixed dtypes in one partition buffer);
+    # `continue` loads the SFT adapter with PEFT, which upcasts it unless told not to.
     zero3, _ = runs
     run = tmp_path / "bf16"
     shutil.copytree(zero3 / "sft", run / "sft")
-    proc = _launch("grpo", "--config", "demo", "--run-dir", str(run), *TINY, "model.dtype=bfloat16", "grpo.bf16=true")
+    proc = _launch("grpo", "--config", "demo", "--run-dir", str(run), *TINY, "model.dtype=bfloat16", "grpo.bf16=true",
+                   f"grpo.adapter={adapter}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((run / "grpo" / "summary.json").read_text())
     assert s["sharding"] == "zero3" and s["steps"] == 2

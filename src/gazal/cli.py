@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="run directory to use (default: a new one; for report: the recipe's newest)")
         else:
             p.add_argument("--explain", action="store_true", help="list every recipe key with its documentation")
+            p.add_argument("--accelerate-config", type=Path, default=None, metavar="FILE",
+                           help="also check the accelerate config the recipe will be launched with")
         if name in ("run", "sft", "grpo"):
             p.add_argument("--resume", action="store_true",
                            help="continue an unfinished training stage from its newest checkpoint in --run-dir")
@@ -101,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="which evaluation's samples to compare (default: reasoning)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed, used with several samples per item (default 0)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full comparison as JSON")
-    help_text = ("estimate each stage's memory per GPU (or host memory on CPU) and throughput before launching; "
-                 "exit 2 naming the key to change when the recipe cannot fit")
+    help_text = ("estimate each stage's memory per GPU (or host memory on CPU), every GPU the recipe uses (the vLLM "
+                 "server's included), SFT's optimizer steps and throughput before launching; exit 2 naming the key "
+                 "to change when the recipe cannot fit")
     p = sub.add_parser("plan", help=help_text, description=help_text)
     p.add_argument("--config", "-c", default="demo", metavar="RECIPE")
     p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs per node (0: plan a CPU run; default 1)")
@@ -115,18 +118,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="plan a CPU run: peak host memory of each stage's process")
     p.add_argument("--memory", type=float, default=None, metavar="GIB",
                    help="with --cpu: host memory budget in GiB (default: this machine's)")
+    p.add_argument("--strict", action="store_true",
+                   help="also exit 2 (as when a stage does not fit) on the plan's warnings: a vLLM server whose GPUs "
+                        "the recipe does not declare (grpo.vllm_server_tensor_parallel_size), sft.save_steps or "
+                        "sft.eval_steps beyond SFT's estimated steps")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. sft.max_length=4096")
     return parser
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from gazal import plan, recipes
+    from gazal import plan, plan_report, recipes
 
     recipe = recipes.load_recipe(args.config, args.overrides)
     result = plan.plan(recipe, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, nodes=args.nodes,
                        sharding=args.sharding, gpu_tflops=args.gpu_flops, cpu=args.cpu, memory_gib=args.memory)
-    print(plan.format_plan(result, args.config), flush=True)
-    plan.check(result, args.config)  # GazalError (exit 2) naming the key when it cannot fit
+    print(plan_report.format_plan(result, args.config), flush=True)
+    # GazalError (exit 2) naming the key when it cannot fit; with --strict, on its warnings too.
+    plan_report.check(result, args.config, strict=args.strict)
     return 0
 
 
@@ -346,6 +354,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         if args.explain:
             print("\n".join(config.explain()))
+        if args.accelerate_config is not None:
+            recipes.check_accelerate_config(args.accelerate_config)
+            print(f"{args.accelerate_config}: accelerate config accepted")
         print(f"{args.config}: valid recipe '{recipe.name}'")
         return 0
 

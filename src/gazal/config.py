@@ -97,6 +97,13 @@ class SFTSource(_Section):
     answer, or messages (chat rows whose last turn is the assistant's)."""
     limit: int | None = Field(None, gt=0)
     """Use at most the first N rows of this source (before weighting)."""
+    rows: int | None = Field(None, gt=0)
+    """Rows this source holds, declared for a source that is not on this machine (a hub dataset), so
+    `gazal validate` and `gazal plan` can estimate SFT's optimizer steps (gazal.sft_steps) without
+    downloading it. A local file, seed set or pool is counted instead. None: not declared."""
+    mean_tokens: int | None = Field(None, gt=0)
+    """Mean tokens of one of this source's examples with the chat template applied, declared beside
+    `rows`: with sft.packing the step estimate needs the data's tokens. None: not declared."""
 
     @field_validator("columns")
     @classmethod
@@ -391,7 +398,9 @@ class GRPOSettings(_Section):
     """With merged rollouts: compute each sampled token's log-prob under the merged weights that
     sampled it and use it as PPO's old log-prob, so the ratio corrects for the difference between
     merged sampling and the adapter forward that learns (one extra forward per rollout batch).
-    None: on when model.dtype is not float32 (bfloat16 rounding of merged weights is measurable)."""
+    None: on when model.dtype is not float32 (bfloat16 rounding of merged weights is measurable)
+    and rollouts are Gazal's own; never under use_vllm, where TRL's importance sampling correction
+    (vllm_importance_sampling_correction) is the one correction applied."""
     adapter: Literal["new", "continue"] = "new"
     """new: merge the SFT adapter into the weights and train a fresh adapter on top (the paper's
     two-stage setup); continue: keep training the SFT adapter itself on the base model."""
@@ -401,6 +410,18 @@ class GRPOSettings(_Section):
     """colocate: vLLM shares the training GPUs; server: a separate `trl vllm-serve` process."""
     vllm_server_base_url: str | None = None
     """Server mode: the URL of `trl vllm-serve` (e.g. http://localhost:8000)."""
+    vllm_server_tensor_parallel_size: int | None = Field(None, gt=0)
+    """Server mode: the --tensor-parallel-size `trl vllm-serve` is started with. It does not start the
+    server; it tells `gazal plan` the server's GPUs (tensor x data parallel, on nodes of their own,
+    beside the training processes') and what each holds. None: not declared, and plan cannot count
+    the server's GPUs (`gazal plan --strict` refuses)."""
+    vllm_server_data_parallel_size: int | None = Field(None, gt=0)
+    """Server mode: the server's --data-parallel-size (engine replicas of vllm_server_tensor_parallel_size
+    GPUs each). None: 1. TRL 1.16's vllm-serve says values above 1 error for dense models (vLLM PR
+    #30739), so `gazal plan` refuses them: use tensor parallelism alone."""
+    vllm_server_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Server mode: the server's --gpu-memory-utilization (trl vllm-serve's default, 0.9), for `gazal
+    plan`'s estimate of its KV cache."""
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     """Colocate mode: the share of GPU memory vLLM may take."""
     vllm_tensor_parallel_size: int | None = Field(None, gt=0)
@@ -698,9 +719,25 @@ class Recipe(_Section):
             raise RecipeError(("grpo", "scale_rewards"), f"grpo.scale_rewards={g.scale_rewards} has no effect with "
                               "grpo.multi_objective_aggregation=normalize_then_sum (TRL normalises each component "
                               "per group and the sum over the batch); leave scale_rewards at 'group'")
+        if g.use_vllm and g.sampler_logprobs:
+            # Replacing TRL's old log-probs with vLLM's while TRL also multiplies the loss by
+            # exp(old - vLLM) would count the sampler mismatch twice and clip against the sampler.
+            raise RecipeError(("grpo", "sampler_logprobs"), "grpo.sampler_logprobs: true applies to Gazal's "
+                              "merged transformers rollouts; with grpo.use_vllm TRL corrects for vLLM's sampling "
+                              "log-probs itself (grpo.vllm_importance_sampling_correction), and a second "
+                              "correction would count the mismatch twice. Leave it unset or false")
         if g.use_vllm and g.vllm_mode == "server" and (g.vllm_tensor_parallel_size or 1) > 1:
             raise RecipeError(("grpo", "vllm_tensor_parallel_size"), "grpo.vllm_tensor_parallel_size applies to "
-                              "vllm_mode colocate; a vLLM server takes its own --tensor-parallel-size")
+                              "vllm_mode colocate; a vLLM server takes its own --tensor-parallel-size (declare "
+                              "it as grpo.vllm_server_tensor_parallel_size so `gazal plan` counts its GPUs)")
+        if g.use_vllm and g.vllm_mode == "colocate":
+            # A server's GPUs declared for a layout that has no server: plan would count GPUs that
+            # the run never uses, and the colocated engine's size is another key.
+            for key in ("vllm_server_tensor_parallel_size", "vllm_server_data_parallel_size"):
+                if getattr(g, key) is not None:
+                    raise RecipeError(("grpo", key), f"grpo.{key} describes the `trl vllm-serve` server of "
+                                      "grpo.vllm_mode server; with vllm_mode colocate vLLM runs on the training "
+                                      "GPUs (grpo.vllm_tensor_parallel_size): remove it or set it to null")
         if g.lora.dropout > 0 and not g.disable_dropout:
             raise RecipeError(("grpo", "lora", "dropout"), f"grpo.lora.dropout={g.lora.dropout} with "
                               "grpo.disable_dropout false: rollouts sample without dropout, so the policy that "

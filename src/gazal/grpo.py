@@ -50,6 +50,7 @@ class GazalGRPOTrainer(GRPOTrainer):
         self.rollouts = MergedRollouts()
         self.gated_groups = 0
         self.sampler_logprob_batches = 0
+        self.sampler_logprob_skipped = 0
         self._sampler_logps: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
 
@@ -110,13 +111,29 @@ class GazalGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        if self.sampler_logprobs and "sampling_per_token_logps" in out:
-            # The sampler is the behaviour policy: its log-probs are PPO's "old" log-probs, so the
-            # ratio (and its clipping) corrects for what merged bfloat16 weights change. TRL does the
-            # same kind of correction only for vLLM rollouts.
-            out["old_per_token_logps"] = out["sampling_per_token_logps"]
-            self.sampler_logprob_batches += 1
+        # Only where Gazal's merged rollouts sampled: under vLLM TRL already multiplies the loss by
+        # exp(old - sampler) (its importance sampling correction), and replacing "old" as well would
+        # count the mismatch twice and clip against the sampler. Validation refuses the pair; this
+        # guard keeps a trainer built by hand honest too.
+        if self.sampler_logprobs and not self.use_vllm and "sampling_per_token_logps" in out:
+            sampled = out["sampling_per_token_logps"]
+            if torch.isnan(sampled[out["completion_mask"].bool()]).any():
+                # A missing log-prob must not become NaN in the loss: keep TRL's own old log-probs
+                # (or, where it computed none, the learner's, i.e. ratio 1) for this batch.
+                self.sampler_logprob_skipped += 1
+                log.warning("grpo: a sampler log-prob is NaN; this batch keeps TRL's old log-probs")
+            else:
+                # The sampler is the behaviour policy: its log-probs are PPO's "old" log-probs, so the
+                # ratio (and its clipping) corrects for what merged bfloat16 weights change.
+                out["old_per_token_logps"] = sampled
+                self.sampler_logprob_batches += 1
         return out
+
+    def importance_correction(self) -> str:
+        """Which correction for sampler/learner mismatch this trainer applies, for summary.json."""
+        if self.use_vllm:
+            return "trl_vllm_importance_sampling" if self.vllm_importance_sampling_correction else "none"
+        return "gazal_sampler_logprobs" if self.sampler_logprobs else "none"
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
@@ -255,7 +272,14 @@ def _policy(recipe: Recipe, run_dir: Path):
         model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code,
                            **model_kwargs(recipe.model))
         log.info("grpo continues the SFT adapter %s on %s", adapter, base)
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), None, base
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        # PEFT upcasts a loaded adapter (DoRA magnitudes included) to float32 by default. Under
+        # ZeRO-3 that mixes dtypes in DeepSpeed's partition buffer, which fails at the first step;
+        # TRL turns the upcast off there for the adapters it builds, and so does Gazal for this one
+        # (DeepSpeed's float32 master weights keep the updates; see upcast_dora_magnitudes).
+        return (PeftModel.from_pretrained(model, str(adapter), is_trainable=True,
+                                          autocast_adapter_dtype=not is_deepspeed_zero3_enabled()), None, base)
     base = rundir.model_for(run_dir, "grpo", recipe)
     model = load_model(base, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code,
                        **model_kwargs(recipe.model))
@@ -302,7 +326,7 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     names = [spec.name for spec in cfg.rewards]
     trainer.accuracy_column = names.index("accuracy") if "accuracy" in names else None
     trainer.gated_columns = tuple(i for i, spec in enumerate(cfg.rewards) if spec.only_when_accuracy_varies)
-    trainer.sampler_logprobs = cfg.merged_rollouts and sampler_logprobs(cfg, recipe.model.dtype)
+    trainer.sampler_logprobs = cfg.merged_rollouts and not cfg.use_vllm and sampler_logprobs(cfg, recipe.model.dtype)
     upcast_dora_magnitudes(trainer.model)
     # TRL's disable_dropout has set every rate to 0; PEFT's DoRA still recomputes base projections
     # for a Dropout module whatever its rate.
@@ -321,5 +345,7 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     return train_and_save(trainer, tokenizer, run_dir, "grpo", summary, recipe, base, checkpoint,
                           stopped=(lambda: monitor.stopped) if monitor else None,
                           extra=lambda: {"merged_rollout_generations": trainer.rollouts.calls,
+                                         "importance_correction": trainer.importance_correction(),
                                          "sampler_logprob_batches": trainer.sampler_logprob_batches,
+                                         "sampler_logprob_batches_skipped": trainer.sampler_logprob_skipped,
                                          "groups_gated_on_accuracy": trainer.gated_groups})

@@ -1,10 +1,14 @@
 """`gazal plan`: will a recipe fit, stage by stage, before anything is launched?
 
-For each stage (SFT, GRPO's rollout and training phases, evaluation) the memory of one GPU (or, on
-CPU, the peak resident memory of the process), its parts, a verdict against the budget, and a
-throughput range. Nothing is loaded but the model's config.json (and its tokenizer, when it is on
-this machine, to count prompt tokens). A recipe that cannot fit raises GazalError (exit status 2)
-naming the recipe key to change.
+For each stage (SFT, GRPO's rollout, weight sync and training phases and its vLLM server,
+evaluation) the memory of one GPU (or, on CPU, the peak resident memory of the process), its parts,
+a verdict against the budget, and a throughput range; every GPU the recipe uses (the training
+processes' and the vLLM server's); and SFT's optimizer steps (gazal.sft_steps). Nothing is loaded
+but the model's config.json (and its tokenizer, when it is on this machine, to count tokens) and
+the data that is on this machine. Each stage's estimate is its own function (_sft_phases,
+_grpo_phases, _server_phases, _eval_phases); the table, the verdicts and the exit decision are
+gazal.plan_report's. A recipe that cannot fit raises GazalError (exit status 2) naming the recipe
+key to change.
 
 The model of memory. P parameters of b bytes (model.dtype), N processes that shard (ZeRO-3 or FSDP
 full sharding; 1 under DDP), L layers, hidden h, intermediate i, q width q = heads x head_dim, KV
@@ -38,10 +42,16 @@ autocast, else b):
   tensors and Gazal keeps the originals to put back), and a KV cache of
   sequences x (prompt + completion) x L x kv_heads x head_dim x 2 x b. With vLLM colocated, vLLM
   holds vllm_gpu_memory_utilization of each GPU (weights / TP and KV cache inside it) while it
-  generates, and through training unless vllm_enable_sleep_mode. The weight sync: under ZeRO-3 TRL
-  gathers every parameter at once to merge a PEFT adapter (P b more, beside vLLM's weights); under
-  FSDP it reads one parameter at a time; PEFT's merge rewrites one layer at a time. Training: as SFT,
-  on per_device_train_batch_size x (prompt + max_completion_length) tokens.
+  generates, and through training unless vllm_enable_sleep_mode. With a vLLM server (`trl
+  vllm-serve`), its GPUs are its own: vllm_server_tensor_parallel_size x _data_parallel_size of
+  them, each holding vllm_server_gpu_memory_utilization x memory (weights / TP, overhead, the rest
+  KV cache at L x ceil(kv_heads / TP) x head_dim x 2 x b a token), against the rollout batch
+  (per_device_train_batch_size x processes x steps_per_generation sequences, / DP an engine). The
+  weight sync is Gazal's layer-wise DoRA sync (gazal.vllm_sync): one decoder layer gathered (layer
+  parameters x b, when sharded) and one adapted linear folded at a time (in x out x (4 + b): a float32
+  buffer and its cast), over the weight shard and adapter states; TRL's own PEFT sync would gather
+  all P b at once under ZeRO-3. Training:
+  as SFT, on per_device_train_batch_size x (prompt + max_completion_length) tokens.
 - evaluation with vLLM: per GPU, weights / TP inside gpu_memory_utilization x memory, 4 GiB of vLLM
   overhead (profiled activations, CUDA graphs; assumed), the rest is KV cache at
   L x ceil(kv_heads / TP) x head_dim x 2 x b bytes a token; with transformers, the whole model per
@@ -71,8 +81,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gazal import sft_steps
 from gazal.config import LoraSettings, Recipe
 from gazal.errors import GazalError
+from gazal.sft_steps import CHARS_PER_TOKEN, SftSteps
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +98,9 @@ VLLM_OVERHEAD_GIB = 4.0
 # TRL 1.16's fused LM head (trl.kernels.chunked_logprob): token rows and vocabulary columns of a tile.
 HEAD_TOKENS, HEAD_VOCAB = 4096, 32768
 CPU_HEAD_TILES = 6
-# Prompt lengths when they cannot be counted here: characters per token without the tokenizer, and
-# tokens when the data is not on this machine (GRPO from the hub; benchmarks from the hub).
-CHARS_PER_TOKEN = 3.5
+# Prompt lengths when they cannot be counted here: characters per token without the tokenizer
+# (CHARS_PER_TOKEN, shared with gazal.sft_steps), and tokens when the data is not on this machine
+# (GRPO from the hub; benchmarks from the hub).
 DEFAULT_GRPO_PROMPT = 512
 DEFAULT_EVAL_PROMPT = 1536
 # CPU calibration (bench/plan_accuracy.py --baseline re-measures the baselines): peak RSS of a stage
@@ -443,15 +455,19 @@ class Plan:
     throughput: list[str]
     notes: list[str]
     problems: list[str] = field(default_factory=list)  # refusals that are not a memory total
+    # What `gazal plan --strict` refuses as well: GPUs the plan cannot count, intervals past the run's end.
+    warnings: list[str] = field(default_factory=list)
+    server_gpus: int = 0  # the vLLM server's (grpo.vllm_server_*), on nodes of their own
+    sft_steps: SftSteps | None = None
 
     @property
     def world(self) -> int:
         return self.gpus * self.nodes
 
-
-def _row_key(stage: str, row: str, phase: Phase) -> str:
-    return phase.hint.get(row) or {"sft": "sft.per_device_train_batch_size", "grpo": "grpo.per_device_train_batch_size",
-                                   "eval": "eval.batch_size"}[stage]
+    @property
+    def total_gpus(self) -> int:
+        """Every GPU the recipe uses: the training processes' and the vLLM server's."""
+        return self.world + self.server_gpus
 
 
 def _training_rows(recipe: Recipe, arch: Arch, stage: str, tokens: int, cpu: bool, shards: int, sharding: str,
@@ -502,6 +518,31 @@ def _cpu_extra(rows: dict[str, float], stage: str, extra_model_bytes: float = 0.
     return {"process baseline": CPU_BASELINE_MIB[stage] * MIB, **rows, "allocator slack": CPU_SLACK * model_bytes}
 
 
+@dataclass
+class _Machine:
+    """What every stage's estimate reads (the recipe, its model, the machine), and where each stage
+    writes what its numbers rest on."""
+
+    recipe: Recipe
+    arch: Arch
+    tokenizer: Any
+    cpu: bool
+    gpus: int  # per node
+    world: int  # training processes
+    sharding: str
+    shards: int
+    b: int  # bytes of a weight (model.dtype)
+    budget: float  # bytes of one GPU (or of host memory)
+    lines: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def overhead(self) -> dict[str, float]:
+        return {} if self.cpu else {"CUDA context + NCCL": CUDA_OVERHEAD_GIB * GIB}
+
+
 def plan(recipe: Recipe, gpus: int = 1, gpu_memory_gib: float | None = None, nodes: int = 1,
          sharding: str | None = None, gpu_tflops: float | None = None, cpu: bool = False,
          memory_gib: float | None = None) -> Plan:
@@ -529,139 +570,266 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory_gib: float | None = None, nod
             why = "--sharding"
         budget = gpu_memory_gib * GIB
     shards = world if sharding in ("zero3", "fsdp") else 1
-    lines = [f"model {recipe.model.name_or_path}: {P / 1e9:.3g} B parameters ({P:,}), {recipe.model.dtype}; "
-             f"{arch.describe()}; from {arch.source}"]
+    m = _Machine(recipe, arch, tokenizer, cpu, 0 if cpu else gpus, world, sharding, shards, b, budget)
+    m.lines.append(f"model {recipe.model.name_or_path}: {P / 1e9:.3g} B parameters ({P:,}), {recipe.model.dtype}; "
+                   f"{arch.describe()}; from {arch.source}")
     if not cpu:
-        lines.append(f"weights {P * b / GIB:.1f} GiB in {recipe.model.dtype}"
-                     + (f", / {shards} a GPU under {sharding}" if shards > 1 else ", whole on every GPU"))
-    notes: list[str] = []
-    phases: list[Phase] = []
-    problems: list[str] = []
-    overhead = {} if cpu else {"CUDA context + NCCL": CUDA_OVERHEAD_GIB * GIB}
+        m.lines.append(f"weights {P * b / GIB:.1f} GiB in {recipe.model.dtype}"
+                       + (f", / {shards} a GPU under {sharding}" if shards > 1 else ", whole on every GPU"))
+    sft, steps = _sft_phases(m)
+    grpo, grpo_tokens, seq = _grpo_phases(m)
+    server, server_gpus = _server_phases(m, seq)
+    evaluation = _eval_phases(m)
+    if server_gpus:
+        m.lines.insert(2 if not cpu else 1, f"GPUs: {world} training ({nodes} node(s) x {gpus}) + {server_gpus} for "
+                       f"the vLLM server (grpo.vllm_server_*: its own node(s)) = {world + server_gpus}")
+    throughput = [] if cpu else _throughput(recipe, arch, world, server_gpus, gpu_tflops)
+    if not cpu:
+        m.notes.append(f"host memory of the main process at the end of each training stage: the base model is loaded "
+                       f"on the CPU to merge the adapter into ({P * b / GIB:.1f} GiB)")
+        full_logits = grpo_tokens * arch.vocab * 4
+        m.notes.append(f"TRL's fused LM head never builds whole logits: {grpo_tokens} tokens x {arch.vocab} x 4 bytes "
+                       f"would be {full_logits / GIB:.1f} GiB a GRPO micro-batch")
+    return Plan(recipe, arch, cpu, 0 if cpu else gpus, nodes, sharding, why, budget / GIB,
+                [*sft, *grpo, *server, *evaluation], m.lines, throughput, m.notes, m.problems, m.warnings,
+                server_gpus, steps)
 
-    # SFT -------------------------------------------------------------------------------------
-    s = recipe.sft
+
+def _sft_phases(m: _Machine) -> tuple[list[Phase], SftSteps | None]:
+    """SFT's micro-batch (on CPU: training and the end-of-stage merge) and its step estimate."""
+    recipe, arch, s = m.recipe, m.arch, m.recipe.sft
     sft_tokens = s.per_device_train_batch_size * s.max_length
-    rows, hint = _training_rows(recipe, arch, "sft", sft_tokens, cpu, shards, sharding, b, s.max_length)
-    lines.append(f"sft: {s.per_device_train_batch_size} x {s.max_length} = {sft_tokens} tokens a micro-batch "
-                 f"(sft.per_device_train_batch_size x sft.max_length: rows assumed full, exact with "
-                 f"sft.packing, an upper bound without{'' if s.packing else ', as here'}), "
-                 f"adapter {_count(adapter_params(arch, s.lora))} parameters (r={s.lora.r}"
-                 f"{', DoRA' if s.lora.use_dora else ''}), gradient checkpointing "
-                 f"{'on' if s.gradient_checkpointing else 'off'}")
-    if cpu:
-        train = _cpu_extra(rows, "sft")
-        phases.append(Phase("sft", "sft train", train, budget, s.enabled, hint=hint))
-        phases.append(Phase("sft", "sft save", _cpu_save(rows, arch, b, "sft"), budget, s.enabled, hint=hint))
+    rows, hint = _training_rows(recipe, arch, "sft", sft_tokens, m.cpu, m.shards, m.sharding, m.b, s.max_length)
+    m.lines.append(f"sft: {s.per_device_train_batch_size} x {s.max_length} = {sft_tokens} tokens a micro-batch "
+                   f"(sft.per_device_train_batch_size x sft.max_length: rows assumed full, exact with "
+                   f"sft.packing, an upper bound without{'' if s.packing else ', as here'}), "
+                   f"adapter {_count(adapter_params(arch, s.lora))} parameters (r={s.lora.r}"
+                   f"{', DoRA' if s.lora.use_dora else ''}), gradient checkpointing "
+                   f"{'on' if s.gradient_checkpointing else 'off'}")
+    steps, why = sft_steps.estimate(recipe, m.world, m.tokenizer) if s.enabled else (None, "sft is disabled")
+    if steps is not None:
+        m.lines.append(f"sft steps: {steps.describe(recipe)}")
+        m.warnings += [message for _, message in sft_steps.interval_warnings(recipe, steps)]
     else:
-        phases.append(Phase("sft", "sft", {**rows, **overhead}, budget, s.enabled, hint=hint))
+        m.lines.append(f"sft steps: not estimated ({why})")
+    if m.cpu:
+        return [Phase("sft", "sft train", _cpu_extra(rows, "sft"), m.budget, s.enabled, hint=hint),
+                Phase("sft", "sft save", _cpu_save(rows, arch, m.b, "sft"), m.budget, s.enabled, hint=hint)], steps
+    return [Phase("sft", "sft", {**rows, **m.overhead}, m.budget, s.enabled, hint=hint)], steps
 
-    # GRPO ------------------------------------------------------------------------------------
-    g = recipe.grpo
-    prompt, prompt_how = grpo_prompt_tokens(recipe, tokenizer)
+
+def _grpo_phases(m: _Machine) -> tuple[list[Phase], int, int]:
+    """GRPO on the training GPUs: rollouts (transformers, or a colocated vLLM), the weight sync to
+    vLLM, and training; with the tokens of a training micro-batch and of one sequence."""
+    recipe, arch, g, b, cpu = m.recipe, m.arch, m.recipe.grpo, m.b, m.cpu
+    prompt, prompt_how = grpo_prompt_tokens(recipe, m.tokenizer)
     seq = prompt + g.max_completion_length
     spg = g.steps_per_generation or g.gradient_accumulation_steps
     gen_seqs = g.per_device_train_batch_size * spg
     grpo_tokens = g.per_device_train_batch_size * seq
-    lines.append(f"grpo: prompt {prompt} tokens ({prompt_how}) + grpo.max_completion_length "
-                 f"{g.max_completion_length} = {seq} a sequence; training micro-batch {g.per_device_train_batch_size} "
-                 f"sequences = {grpo_tokens} tokens; rollouts: {gen_seqs} sequences a process at once "
-                 f"(grpo.per_device_train_batch_size x steps_per_generation {spg})")
-    rows, hint = _training_rows(recipe, arch, "grpo", grpo_tokens, cpu, shards, sharding, b, seq)
+    m.lines.append(f"grpo: prompt {prompt} tokens ({prompt_how}) + grpo.max_completion_length "
+                   f"{g.max_completion_length} = {seq} a sequence; training micro-batch "
+                   f"{g.per_device_train_batch_size} sequences = {grpo_tokens} tokens; rollouts: {gen_seqs} sequences "
+                   f"a process at once (grpo.per_device_train_batch_size x steps_per_generation {spg})")
+    rows, hint = _training_rows(recipe, arch, "grpo", grpo_tokens, cpu, m.shards, m.sharding, b, seq)
     persistent = {k: rows[k] for k in ("weights", "adapter + grads + AdamW")}
-    trl_args = g.trl
-    gather = trl_args.get("ds3_gather_for_generation", True)
+    sharded = m.sharding in ("zero3", "fsdp") and m.shards > 1
+    if cpu or not g.use_vllm:
+        rollout, rhint = _transformers_rollout(m, persistent, hint, prompt, seq, gen_seqs, grpo_tokens)
+        if cpu:
+            return [Phase("grpo", "grpo rollout", _cpu_extra(rollout, "grpo", rollout.get("merged rollout copy", 0)),
+                          m.budget, g.enabled, hint=rhint),
+                    Phase("grpo", "grpo train", _cpu_extra(rows, "grpo"), m.budget, g.enabled, hint=hint),
+                    Phase("grpo", "grpo save", _cpu_save(rows, arch, b, "grpo"), m.budget, g.enabled, hint=hint)], \
+                grpo_tokens, seq
+        return [Phase("grpo", "grpo rollout", {**rollout, **m.overhead}, m.budget, g.enabled, hint=rhint),
+                Phase("grpo", "grpo train", {**rows, **m.overhead}, m.budget, g.enabled, hint=hint)], grpo_tokens, seq
+
+    # vLLM: generation happens in vLLM (colocated on these GPUs, or a server of its own); the
+    # training processes send it the policy's weights every step.
     rollout: dict[str, float] = dict(persistent)
     rhint = dict(hint)
-    colocated = 0.0
-    kv_rollout = gen_seqs * seq * arch.kv_bytes_per_token(b)
-    sampler = g.merged_rollouts and (g.sampler_logprobs if g.sampler_logprobs is not None
-                                     else recipe.model.dtype != "float32")
-    if cpu or not g.use_vllm:
-        if sharding in ("zero3", "fsdp") and shards > 1 and (gather or sharding == "fsdp"):
-            rollout["gathered weights (whole model)"] = P * b
-            rhint["gathered weights (whole model)"] = ("grpo.use_vllm (rollouts in vLLM; with --sharding fsdp the "
-                                                       "weight sync goes one parameter at a time)")
-        if g.merged_rollouts:
-            # PEFT's safe merge writes new tensors beside the kept originals (adapters._merged)
-            rollout["merged rollout copy"] = arch.linear_params() * b
-            rhint["merged rollout copy"] = "grpo.merged_rollouts"
-        rollout["KV cache"] = kv_rollout
-        rhint["KV cache"] = ("grpo.steps_per_generation" if spg > 1 else "grpo.per_device_train_batch_size"
-                             if g.per_device_train_batch_size > 1 else "grpo.max_completion_length")
-        work = nograd_layer_bytes(arch, gen_seqs * prompt, b)
-        if sampler:
-            work = max(work, nograd_layer_bytes(arch, grpo_tokens, b) + head_bytes(arch, grpo_tokens, cpu, b))
-        rollout["layer working set"] = work
-        rhint["layer working set"] = rhint["KV cache"]
-    else:
-        # vLLM: generation happens in vLLM; the training processes sync the merged adapter into it
-        # every step. TRL merges a PEFT adapter with every parameter gathered at once under ZeRO-3;
-        # under FSDP it reads one parameter at a time; PEFT's merge rewrites one layer at a time.
-        tp = g.vllm_tensor_parallel_size or 1
-        sleep = bool(g.vllm_enable_sleep_mode)
-        sync: dict[str, float] = dict(persistent)
-        shint = dict(hint)
-        vllm_weights = P * b / tp
-        if g.vllm_mode == "colocate":
-            colocated = g.vllm_gpu_memory_utilization * budget
-            room = colocated - vllm_weights - VLLM_OVERHEAD_GIB * GIB
-            kv_tok = arch.kv_bytes_per_token(b, tp)
-            fit = room / kv_tok / seq if room > 0 else 0
-            lines.append(f"grpo vLLM colocated: {g.vllm_gpu_memory_utilization} x {budget / GIB:g} GiB = "
-                         f"{colocated / GIB:.1f} GiB a GPU: weights / TP {tp} = {vllm_weights / GIB:.1f} GiB, "
-                         f"{VLLM_OVERHEAD_GIB:g} GiB overhead, KV cache {max(room, 0) / GIB:.1f} GiB = "
-                         f"{max(room, 0) / kv_tok:,.0f} tokens = {fit:.1f} sequences of {seq} tokens"
-                         f"{'; asleep (weights and cache released) while training' if sleep else ''}")
-            engine_seqs = gen_seqs * tp
-            if g.enabled and 1 <= fit < engine_seqs:
-                notes.append(f"grpo: each vLLM engine gets {engine_seqs} sequences at once (its {tp} processes' "
-                             f"rollouts) and its cache holds {fit:.0f}: the rest wait their turn (slower, not out of "
-                             "memory)")
-            if g.enabled and (room <= 0 or fit < 1):
-                key = ("grpo.vllm_tensor_parallel_size" if vllm_weights + VLLM_OVERHEAD_GIB * GIB > colocated
-                       else "grpo.vllm_gpu_memory_utilization")
-                problems.append(f"grpo: vLLM's share ({colocated / GIB:.1f} GiB) cannot hold the weights "
-                                f"({vllm_weights / GIB:.1f} GiB at TP {tp}), its overhead and one {seq}-token "
-                                f"sequence of KV cache: change {key}")
-            rollout["vLLM (colocated)"] = colocated
-            rhint["vLLM (colocated)"] = "grpo.vllm_gpu_memory_utilization (or grpo.vllm_mode=server)"
-            # Awake for the sync: all of it, or (sleep mode) its weights only.
-            sync["vLLM (colocated)"] = vllm_weights if sleep else colocated
-            shint["vLLM (colocated)"] = "grpo.vllm_tensor_parallel_size"
-        else:
-            notes.append(f"grpo vLLM server: `trl vllm-serve` runs on GPUs of its own, not planned here (weights "
-                         f"{P * b / GIB:.1f} GiB / its tensor parallel size, plus KV cache)")
-        if sharding == "zero3" and shards > 1:
-            sync["gathered weights (whole model)"] = P * b
-            shint["gathered weights (whole model)"] = (
-                "--sharding fsdp (src/gazal/accelerate/fsdp.yaml: TRL syncs FSDP weights to vLLM one parameter at a "
-                "time; under ZeRO-3 it gathers the whole model to merge the PEFT adapter)")
-        if sharding == "fsdp" and shards > 1:
-            notes.append("grpo: TRL's weight sync for a PEFT adapter under FSDP is marked unverified in its own code "
-                         "('TODO: does this work with FSDP?', trl/generation/vllm_generation.py); not checked here")
-        sync["merge temporaries (one layer)"] = 2 * arch.layer_params() * b / (shards if sharding == "fsdp" else 1)
-        shint["merge temporaries (one layer)"] = "grpo.lora.use_dora"
-    if cpu:
-        phases.append(Phase("grpo", "grpo rollout", _cpu_extra(
-            rollout, "grpo", rollout.get("merged rollout copy", 0)), budget, g.enabled, hint=rhint))
-        phases.append(Phase("grpo", "grpo train", _cpu_extra(rows, "grpo"), budget, g.enabled, hint=hint))
-        phases.append(Phase("grpo", "grpo save", _cpu_save(rows, arch, b, "grpo"), budget, g.enabled, hint=hint))
-    else:
-        train_rows = {**rows}
-        if colocated and not g.vllm_enable_sleep_mode:
-            train_rows["vLLM (colocated)"] = colocated
-            hint["vLLM (colocated)"] = "grpo.vllm_enable_sleep_mode (or grpo.vllm_gpu_memory_utilization)"
-        if g.use_vllm:
-            phases.append(Phase("grpo", "grpo rollout", {**rollout, **overhead}, budget, g.enabled, hint=rhint))
-            phases.append(Phase("grpo", "grpo sync", {**sync, **overhead}, budget, g.enabled, hint=shint))
-        else:
-            phases.append(Phase("grpo", "grpo rollout", {**rollout, **overhead}, budget, g.enabled, hint=rhint))
-        phases.append(Phase("grpo", "grpo train", {**train_rows, **overhead}, budget, g.enabled, hint=hint))
+    sync: dict[str, float] = dict(persistent)
+    shint = dict(hint)
+    train_rows = dict(rows)
+    if g.vllm_mode == "colocate":
+        _colocated_vllm(m, seq, gen_seqs, rollout, rhint, sync, shint, train_rows, hint)
+    _layerwise_sync(m, sync, shint, sharded)
+    return [Phase("grpo", "grpo rollout", {**rollout, **m.overhead}, m.budget, g.enabled, hint=rhint),
+            Phase("grpo", "grpo sync", {**sync, **m.overhead}, m.budget, g.enabled, hint=shint),
+            Phase("grpo", "grpo train", {**train_rows, **m.overhead}, m.budget, g.enabled, hint=hint)], \
+        grpo_tokens, seq
 
-    # Evaluation ------------------------------------------------------------------------------
-    e = recipe.eval
-    eprompt, eprompt_how, counts = eval_prompt_tokens(recipe, tokenizer)
+
+def _layerwise_sync(m: _Machine, sync: dict[str, float], shint: dict[str, str], sharded: bool) -> None:
+    """What the weight sync to vLLM adds to a training GPU's rows.
+
+    This relies on Gazal's layer-wise DoRA sync (gazal.vllm_sync) being the one used, in server and
+    colocate modes: it gathers one decoder layer's shards at a time and folds each adapted linear,
+    one after the other, into a new tensor as PEFT's merge computes it (a float32 buffer, then cast
+    to the weight's dtype), sends it and releases it before the next. Its extra peak is one layer
+    gathered plus the largest linear's fold, where TRL's own PEFT sync gathers the whole model at
+    once under ZeRO-3 (P x b more: 61 GiB for Qwen3-32B in bfloat16). The frozen embeddings and LM
+    head, sent once a run, are gathered one module at a time: on small models with a large
+    vocabulary that module is the peak instead.
+    """
+    arch, b = m.arch, m.b
+    layer = arch.layer_params() * b if sharded else 0.0  # unsharded, the layer is whole already
+    fold = max(i * o for i, o in arch.linears().values()) * (4 + b)
+    embedding = arch.vocab * arch.hidden * b if sharded else 0.0
+    hint = "model.name_or_path (a smaller model)"
+    if embedding > layer + fold:
+        sync["gathered embeddings (layer-wise sync)"] = embedding
+        shint["gathered embeddings (layer-wise sync)"] = hint
+    else:
+        if layer:
+            sync["gathered layer (layer-wise sync)"] = layer
+            shint["gathered layer (layer-wise sync)"] = hint
+        sync["folded linear (layer-wise sync)"] = fold
+        shint["folded linear (layer-wise sync)"] = hint
+    m.lines.append("grpo weight sync to vLLM, one decoder layer at a time (gazal.vllm_sync): "
+                   + (f"a gathered layer {layer / GIB:.2f} GiB + " if layer else "")
+                   + f"the largest linear folded {fold / GIB:.2f} GiB (float32 + its cast)"
+                   + (f"; the embeddings, gathered once a run, {embedding / GIB:.2f} GiB"
+                      if embedding > layer + fold else "")
+                   + f", over what training keeps; TRL's own PEFT sync would gather the whole model "
+                   f"({arch.params() * b / GIB:.1f} GiB) under ZeRO-3")
+
+
+def _colocated_vllm(m: _Machine, seq: int, gen_seqs: int, rollout: dict[str, float], rhint: dict[str, str],
+                    sync: dict[str, float], shint: dict[str, str], train: dict[str, float],
+                    hint: dict[str, str]) -> None:
+    """A vLLM engine colocated on the training GPUs: its share of each GPU added to the rollout, sync
+    and (unless it sleeps) training phases' rows."""
+    arch, g, b = m.arch, m.recipe.grpo, m.b
+    P = arch.params()
+    tp = g.vllm_tensor_parallel_size or 1
+    sleep = bool(g.vllm_enable_sleep_mode)
+    vllm_weights = P * b / tp
+    colocated = g.vllm_gpu_memory_utilization * m.budget
+    room = colocated - vllm_weights - VLLM_OVERHEAD_GIB * GIB
+    kv_tok = arch.kv_bytes_per_token(b, tp)
+    fit = room / kv_tok / seq if room > 0 else 0
+    m.lines.append(f"grpo vLLM colocated: {g.vllm_gpu_memory_utilization} x {m.budget / GIB:g} GiB = "
+                   f"{colocated / GIB:.1f} GiB a GPU: weights / TP {tp} = {vllm_weights / GIB:.1f} GiB, "
+                   f"{VLLM_OVERHEAD_GIB:g} GiB overhead, KV cache {max(room, 0) / GIB:.1f} GiB = "
+                   f"{max(room, 0) / kv_tok:,.0f} tokens = {fit:.1f} sequences of {seq} tokens"
+                   f"{'; asleep (weights and cache released) while training' if sleep else ''}")
+    engine_seqs = gen_seqs * tp
+    if g.enabled and 1 <= fit < engine_seqs:
+        m.notes.append(f"grpo: each vLLM engine gets {engine_seqs} sequences at once (its {tp} processes' "
+                       f"rollouts) and its cache holds {fit:.0f}: the rest wait their turn (slower, not out of "
+                       "memory)")
+    if g.enabled and (room <= 0 or fit < 1):
+        key = ("grpo.vllm_tensor_parallel_size" if vllm_weights + VLLM_OVERHEAD_GIB * GIB > colocated
+               else "grpo.vllm_gpu_memory_utilization")
+        m.problems.append(f"grpo: vLLM's share ({colocated / GIB:.1f} GiB) cannot hold the weights "
+                          f"({vllm_weights / GIB:.1f} GiB at TP {tp}), its overhead and one {seq}-token "
+                          f"sequence of KV cache: change {key}")
+    rollout["vLLM (colocated)"] = colocated
+    rhint["vLLM (colocated)"] = "grpo.vllm_gpu_memory_utilization (or grpo.vllm_mode=server)"
+    # Awake for the sync: all of it, or (sleep mode) its weights only.
+    sync["vLLM (colocated)"] = vllm_weights if sleep else colocated
+    shint["vLLM (colocated)"] = "grpo.vllm_tensor_parallel_size"
+    if not sleep:
+        train["vLLM (colocated)"] = colocated
+        hint["vLLM (colocated)"] = "grpo.vllm_enable_sleep_mode (or grpo.vllm_gpu_memory_utilization)"
+
+
+def _transformers_rollout(m: _Machine, persistent: dict[str, float], hint: dict[str, str], prompt: int, seq: int,
+                          gen_seqs: int, grpo_tokens: int) -> tuple[dict[str, float], dict[str, str]]:
+    """Rollouts generated by the training processes themselves (transformers), per GPU or process."""
+    arch, g, b = m.arch, m.recipe.grpo, m.b
+    rollout: dict[str, float] = dict(persistent)
+    rhint = dict(hint)
+    gather = g.trl.get("ds3_gather_for_generation", True)
+    sampler = g.merged_rollouts and (g.sampler_logprobs if g.sampler_logprobs is not None
+                                     else m.recipe.model.dtype != "float32")
+    if m.sharding in ("zero3", "fsdp") and m.shards > 1 and (gather or m.sharding == "fsdp"):
+        rollout["gathered weights (whole model)"] = arch.params() * b
+        rhint["gathered weights (whole model)"] = ("grpo.use_vllm (rollouts in vLLM, with Gazal's layer-wise weight "
+                                                   "sync)")
+    if g.merged_rollouts:
+        # PEFT's safe merge writes new tensors beside the kept originals (adapters._merged)
+        rollout["merged rollout copy"] = arch.linear_params() * b
+        rhint["merged rollout copy"] = "grpo.merged_rollouts"
+    spg = g.steps_per_generation or g.gradient_accumulation_steps
+    rollout["KV cache"] = gen_seqs * seq * arch.kv_bytes_per_token(b)
+    rhint["KV cache"] = ("grpo.steps_per_generation" if spg > 1 else "grpo.per_device_train_batch_size"
+                         if g.per_device_train_batch_size > 1 else "grpo.max_completion_length")
+    work = nograd_layer_bytes(arch, gen_seqs * prompt, b)
+    if sampler:
+        work = max(work, nograd_layer_bytes(arch, grpo_tokens, b) + head_bytes(arch, grpo_tokens, m.cpu, b))
+    rollout["layer working set"] = work
+    rhint["layer working set"] = rhint["KV cache"]
+    return rollout, rhint
+
+
+def _server_phases(m: _Machine, seq: int) -> tuple[list[Phase], int]:
+    """The `trl vllm-serve` server of grpo.vllm_mode server, per server GPU, and how many GPUs it takes
+    (0: none, or not declared)."""
+    recipe, arch, g, b = m.recipe, m.arch, m.recipe.grpo, m.b
+    if m.cpu or not g.use_vllm or g.vllm_mode != "server" or not g.enabled:
+        return [], 0
+    tp = g.vllm_server_tensor_parallel_size
+    if tp is None:
+        m.lines.append("grpo vLLM server: its GPUs are not declared, so they are neither counted nor planned")
+        m.warnings.append("grpo vLLM server: grpo.vllm_server_tensor_parallel_size (and _data_parallel_size) are "
+                          "not set, so the GPUs `trl vllm-serve` runs on are not counted and its memory is not "
+                          "planned: declare the server's --tensor-parallel-size / --data-parallel-size")
+        return [], 0
+    dp = g.vllm_server_data_parallel_size or 1
+    util = g.vllm_server_gpu_memory_utilization
+    P = arch.params()
+    reserved = util * m.budget
+    weights = P * b / tp
+    room = reserved - weights - VLLM_OVERHEAD_GIB * GIB
+    kv_tok = arch.kv_bytes_per_token(b, tp)
+    fit = max(room, 0) / kv_tok / seq
+    spg = g.steps_per_generation or g.gradient_accumulation_steps
+    # TRL's main process sends every process's prompts to the server at once: the whole rollout batch.
+    batch = g.per_device_train_batch_size * m.world * spg
+    per_engine = math.ceil(batch / dp)
+    waves = math.ceil(per_engine / fit) if fit >= 1 else 0
+    m.lines.append(f"grpo vLLM server (trl vllm-serve, TP {tp} x DP {dp} = {tp * dp} GPUs of the same memory, on "
+                   f"node(s) of its own): {util} x {m.budget / GIB:g} GiB = {reserved / GIB:.1f} GiB a GPU: weights "
+                   f"/ TP {tp} = {weights / GIB:.1f} GiB, {VLLM_OVERHEAD_GIB:g} GiB overhead, KV cache "
+                   f"{max(room, 0) / GIB:.1f} GiB at {kv_tok / 1024:g} KiB a token = {max(room, 0) / kv_tok:,.0f} "
+                   f"tokens = {fit:.0f} sequences of {seq}; a rollout batch is {batch} completions "
+                   f"(grpo.per_device_train_batch_size x {m.world} processes x steps_per_generation {spg}), "
+                   f"{per_engine} an engine: "
+                   + ("all in the cache at once" if waves == 1 else f"in {waves} waves" if waves else "none fit"))
+    if tp > m.gpus:
+        m.problems.append(f"grpo: grpo.vllm_server_tensor_parallel_size={tp} spans nodes of {m.gpus} GPUs (--gpus): "
+                          "vLLM's tensor parallelism stays within a node here; change "
+                          "grpo.vllm_server_tensor_parallel_size")
+    if arch.heads % tp or (arch.kv_heads % tp and tp % arch.kv_heads):
+        m.problems.append(f"grpo: vLLM splits {arch.heads} attention heads / {arch.kv_heads} KV heads evenly over "
+                          f"tensor parallel ranks, and {tp} does not divide them: change "
+                          "grpo.vllm_server_tensor_parallel_size")
+    if dp > 1:
+        m.problems.append(f"grpo: grpo.vllm_server_data_parallel_size={dp}: TRL 1.16's vllm-serve errors above 1 for "
+                          "dense models (vLLM PR #30739); use the server's GPUs for tensor parallelism: change "
+                          "grpo.vllm_server_data_parallel_size")
+    if room <= 0 or fit < 1:
+        m.problems.append(f"grpo: the vLLM server's share of a GPU ({reserved / GIB:.1f} GiB) cannot hold the weights "
+                          f"({weights / GIB:.1f} GiB at TP {tp}), its overhead and one {seq}-token sequence: change "
+                          "grpo.vllm_server_tensor_parallel_size (and the server's --tensor-parallel-size)")
+    elif waves > 1:
+        m.notes.append(f"grpo: the vLLM server's cache holds {fit:.0f} sequences an engine and a rollout batch brings "
+                       f"{per_engine}: the rest wait their turn (slower, not out of memory)")
+    rows = {"weights": weights, "vLLM overhead": VLLM_OVERHEAD_GIB * GIB, "KV cache": max(room, 0)}
+    hint = {"weights": "grpo.vllm_server_tensor_parallel_size",
+            "vLLM overhead": "grpo.vllm_server_gpu_memory_utilization",
+            "KV cache": "grpo.vllm_server_gpu_memory_utilization"}
+    return [Phase("grpo", "grpo server", rows, m.budget, g.enabled, reserved=reserved, hint=hint)], tp * dp
+
+
+def _eval_phases(m: _Machine) -> list[Phase]:
+    """Evaluation: vLLM engines on the training node, or transformers in every process."""
+    recipe, arch, e, b, cpu = m.recipe, m.arch, m.recipe.eval, m.b, m.cpu
+    P = arch.params()
+    eprompt, eprompt_how, counts = eval_prompt_tokens(recipe, m.tokenizer)
     most_items, all_items = counts or (None, None)
     new = max(e.max_new_tokens if "reasoning" in e.modes else 0, e.direct_max_new_tokens if "direct" in e.modes else 0)
     eseq = eprompt + new
@@ -674,61 +842,48 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory_gib: float | None = None, nod
         erows = {"weights": P * eb, "KV cache": seqs * eseq * arch.kv_bytes_per_token(eb),
                  "layer working set": nograd_layer_bytes(arch, seqs * eprompt, eb)
                  + (seqs * arch.heads * eprompt ** 2 * 4 if cpu else 0)}  # CPU SDPA with a padding mask: scores
-        lines.append(f"eval (transformers): prompt {eprompt} tokens ({eprompt_how}) + {new} new = {eseq} a sequence; "
-                     f"{seqs} sequences at once "
-                     + ("(eval.generation_batch_size, or every benchmark's items when fewer); " if packed else
-                        "(eval.batch_size, or the items of a benchmark when fewer, x eval.num_samples); ")
-                     + "the whole model in every process")
+        m.lines.append(f"eval (transformers): prompt {eprompt} tokens ({eprompt_how}) + {new} new = {eseq} a "
+                       f"sequence; {seqs} sequences at once "
+                       + ("(eval.generation_batch_size, or every benchmark's items when fewer); " if packed else
+                          "(eval.batch_size, or the items of a benchmark when fewer, x eval.num_samples); ")
+                       + "the whole model in every process")
         size_key = "eval.generation_batch_size" if packed else "eval.batch_size"
         ehint = {"weights": "eval.backend (vllm, with eval.vllm_tensor_parallel_size)", "KV cache": size_key,
                  "layer working set": size_key}
         if cpu:
-            phases.append(Phase("eval", "eval", _cpu_extra(erows, "eval"), budget, e.enabled, hint=ehint))
-        else:
-            phases.append(Phase("eval", "eval", {**erows, **overhead}, budget, e.enabled, hint=ehint))
-    else:
-        tp, dp = e.vllm_tensor_parallel_size, e.vllm_data_parallel_size
-        if tp * dp > gpus:
-            problems.append(f"eval: eval.vllm_data_parallel_size ({dp}) x eval.vllm_tensor_parallel_size ({tp}) = "
-                            f"{tp * dp} GPUs, but a node has {gpus} (--gpus): change eval.vllm_data_parallel_size")
-        reserved = e.vllm_gpu_memory_utilization * budget
-        weights = P * b / tp
-        room = reserved - weights - VLLM_OVERHEAD_GIB * GIB
-        kv_tok = arch.kv_bytes_per_token(b, tp)
-        max_len = e.max_model_len or eseq
-        fit = max(room, 0) / kv_tok / max_len
-        erows = {"weights": weights, "vLLM overhead": VLLM_OVERHEAD_GIB * GIB, "KV cache": max(room, 0)}
-        lines.append(f"eval (vLLM, {dp} engine(s) x TP {tp}): {e.vllm_gpu_memory_utilization} x {budget / GIB:g} GiB "
-                     f"= {reserved / GIB:.1f} GiB a GPU for vLLM; KV cache {kv_tok / 1024:g} KiB a token a GPU "
-                     f"({arch.layers} layers x {math.ceil(arch.kv_heads / tp)} KV heads x {arch.head_dim} x K,V x {b} "
-                     f"bytes), {max(room, 0) / kv_tok:,.0f} tokens = {fit:.1f} sequences of "
-                     f"{'eval.max_model_len ' if e.max_model_len else ''}{max_len} tokens (prompt {eprompt}, "
-                     f"{eprompt_how}, + {new} new)")
-        ehint = {"weights": "eval.vllm_tensor_parallel_size", "vLLM overhead": "eval.vllm_gpu_memory_utilization",
-                 "KV cache": "eval.vllm_gpu_memory_utilization"}
-        if e.max_model_len is None:
-            notes.append("eval.max_model_len is unset: vLLM plans for the model's own context length; set it to "
-                         f"about {eseq} so the KV cache is sized for what evaluation generates")
-        if e.enabled:
-            if room <= 0:
-                problems.append(f"eval: vLLM's share of a GPU ({reserved / GIB:.1f} GiB) cannot hold the weights "
-                                f"({weights / GIB:.1f} GiB at TP {tp}) and its overhead: change "
-                                "eval.vllm_tensor_parallel_size")
-            elif fit < 1:
-                problems.append(f"eval: vLLM's KV cache holds {fit:.2f} sequences of {max_len} tokens: change "
-                                "eval.max_model_len (or eval.vllm_tensor_parallel_size)")
-        phases.append(Phase("eval", "eval", erows, budget, e.enabled, reserved=reserved, hint=ehint))
-        eseq = max_len
-
-    throughput = [] if cpu else _throughput(recipe, arch, world, gpu_tflops, sft_tokens, eseq)
-    if not cpu:
-        notes.append(f"host memory of the main process at the end of each training stage: the base model is loaded "
-                     f"on the CPU to merge the adapter into ({P * b / GIB:.1f} GiB)")
-        full_logits = grpo_tokens * arch.vocab * 4
-        notes.append(f"TRL's fused LM head never builds whole logits: {grpo_tokens} tokens x {arch.vocab} x 4 bytes "
-                     f"would be {full_logits / GIB:.1f} GiB a GRPO micro-batch")
-    return Plan(recipe, arch, cpu, 0 if cpu else gpus, nodes, sharding, why, budget / GIB, phases, lines, throughput,
-                notes, problems)
+            return [Phase("eval", "eval", _cpu_extra(erows, "eval"), m.budget, e.enabled, hint=ehint)]
+        return [Phase("eval", "eval", {**erows, **m.overhead}, m.budget, e.enabled, hint=ehint)]
+    tp, dp = e.vllm_tensor_parallel_size, e.vllm_data_parallel_size
+    if tp * dp > m.gpus:
+        m.problems.append(f"eval: eval.vllm_data_parallel_size ({dp}) x eval.vllm_tensor_parallel_size ({tp}) = "
+                          f"{tp * dp} GPUs, but a node has {m.gpus} (--gpus): change eval.vllm_data_parallel_size")
+    reserved = e.vllm_gpu_memory_utilization * m.budget
+    weights = P * b / tp
+    room = reserved - weights - VLLM_OVERHEAD_GIB * GIB
+    kv_tok = arch.kv_bytes_per_token(b, tp)
+    max_len = e.max_model_len or eseq
+    fit = max(room, 0) / kv_tok / max_len
+    erows = {"weights": weights, "vLLM overhead": VLLM_OVERHEAD_GIB * GIB, "KV cache": max(room, 0)}
+    m.lines.append(f"eval (vLLM, {dp} engine(s) x TP {tp}): {e.vllm_gpu_memory_utilization} x {m.budget / GIB:g} GiB "
+                   f"= {reserved / GIB:.1f} GiB a GPU for vLLM; KV cache {kv_tok / 1024:g} KiB a token a GPU "
+                   f"({arch.layers} layers x {math.ceil(arch.kv_heads / tp)} KV heads x {arch.head_dim} x K,V x {b} "
+                   f"bytes), {max(room, 0) / kv_tok:,.0f} tokens = {fit:.1f} sequences of "
+                   f"{'eval.max_model_len ' if e.max_model_len else ''}{max_len} tokens (prompt {eprompt}, "
+                   f"{eprompt_how}, + {new} new)")
+    ehint = {"weights": "eval.vllm_tensor_parallel_size", "vLLM overhead": "eval.vllm_gpu_memory_utilization",
+             "KV cache": "eval.vllm_gpu_memory_utilization"}
+    if e.max_model_len is None:
+        m.notes.append("eval.max_model_len is unset: vLLM plans for the model's own context length; set it to "
+                       f"about {eseq} so the KV cache is sized for what evaluation generates")
+    if e.enabled:
+        if room <= 0:
+            m.problems.append(f"eval: vLLM's share of a GPU ({reserved / GIB:.1f} GiB) cannot hold the weights "
+                              f"({weights / GIB:.1f} GiB at TP {tp}) and its overhead: change "
+                              "eval.vllm_tensor_parallel_size")
+        elif fit < 1:
+            m.problems.append(f"eval: vLLM's KV cache holds {fit:.2f} sequences of {max_len} tokens: change "
+                              "eval.max_model_len (or eval.vllm_tensor_parallel_size)")
+    return [Phase("eval", "eval", erows, m.budget, e.enabled, reserved=reserved, hint=ehint)]
 
 
 def _cpu_save(rows: dict[str, float], arch: Arch, b: int, stage: str) -> dict[str, float]:
@@ -758,8 +913,7 @@ def _rate(n: float) -> str:
     return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e3 else f"{n:.3g}"
 
 
-def _throughput(recipe: Recipe, arch: Arch, world: int, gpu_tflops: float | None, sft_tokens: int,
-                eval_seq: int) -> list[str]:
+def _throughput(recipe: Recipe, arch: Arch, world: int, server_gpus: int, gpu_tflops: float | None) -> list[str]:
     peak = (gpu_tflops or H100_BF16_DENSE_TFLOPS) * 1e12
     lo, hi = MFU_RANGE
     P = arch.params()
@@ -776,83 +930,11 @@ def _throughput(recipe: Recipe, arch: Arch, world: int, gpu_tflops: float | None
         return f"{_rate(gpus * lo * peak / (2 * P))}-{_rate(gpus * hi * peak / (2 * P))} tokens/s decoding (2 x P)"
 
     out.append(f"  sft: {train('sft', world)}")
-    out.append(f"  grpo: {train('grpo', world)}; rollouts {decode(world)} (small-batch decoding is memory-bound: "
-               "expect less, especially with transformers)")
+    rollout_gpus = server_gpus or world
+    out.append(f"  grpo: {train('grpo', world)}; rollouts {decode(rollout_gpus)} on {rollout_gpus} GPU(s)"
+               f"{' of the vLLM server' if server_gpus else ''} (small-batch decoding is memory-bound: expect less, "
+               "especially with transformers)")
     e = recipe.eval
     gpus = e.vllm_tensor_parallel_size * e.vllm_data_parallel_size if e.backend == "vllm" else world
     out.append(f"  eval: {decode(gpus)} on {gpus} GPU(s)")
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-
-def format_plan(p: Plan, config_name: str | None = None) -> str:
-    """The per-stage table (GiB), what it rests on, throughput and the verdict."""
-    name = config_name or p.recipe.name
-    if p.cpu:
-        head = (f"gazal plan: {name} on CPU, host memory (peak resident set of the stage's process) against "
-                f"{p.budget_gib:.1f} GiB")
-    else:
-        head = (f"gazal plan: {name} on {p.nodes} node(s) x {p.gpus} GPU(s) x {p.budget_gib:g} GiB, "
-                f"{p.sharding} ({p.sharding_why}); GiB per GPU")
-    out = [head, *("  " + line for line in p.lines), ""]
-    labels: list[str] = []
-    for ph in p.phases:
-        labels += [r for r in ph.rows if r not in labels]
-    width = max(len(r) for r in labels + ["total"]) + 2
-    colw = max(12, *(len(ph.name) + 2 for ph in p.phases))
-    out.append("GiB".ljust(width) + "".join(ph.name.rjust(colw) for ph in p.phases))
-    for r in labels:
-        cells = [f"{ph.rows[r] / GIB:.2f}" if r in ph.rows else "-" for ph in p.phases]
-        out.append(r.ljust(width) + "".join(c.rjust(colw) for c in cells))
-    out.append("total".ljust(width) + "".join(f"{ph.total / GIB:.2f}".rjust(colw) for ph in p.phases))
-    out.append("budget".ljust(width) + "".join(f"{ph.budget / GIB:.2f}".rjust(colw) for ph in p.phases))
-    out.append("verdict".ljust(width) + "".join(
-        ("fits" if ph.fits else "TOO BIG").rjust(colw) if ph.enabled else "disabled".rjust(colw) for ph in p.phases))
-    if any(ph.reserved is not None for ph in p.phases):
-        out.append("  (vLLM's total is what it reserves: gpu_memory_utilization x the GPU)")
-    stages = {}
-    for ph in p.phases:
-        if ph.stage not in stages or ph.total > stages[ph.stage].total:
-            stages[ph.stage] = ph
-    out.append("peak per stage: " + ", ".join(f"{s} {ph.total / GIB:.2f} GiB ({ph.name})" for s, ph in stages.items()))
-    if p.throughput:
-        out += ["", *p.throughput]
-    if p.notes:
-        out += ["", "notes:", *("  - " + n for n in p.notes)]
-    out += ["", "verdict: " + verdict(p, name)]
-    return "\n".join(out)
-
-
-def failures(p: Plan, name: str | None = None) -> list[str]:
-    """Why the recipe cannot run as planned, each naming the key to change (empty: it fits)."""
-    name = name or p.recipe.name
-    out = list(p.problems)
-    unit = "of host memory" if p.cpu else "a GPU"
-    for ph in p.phases:
-        if not ph.enabled or ph.fits:
-            continue
-        row = max(ph.rows, key=lambda r: ph.rows[r] if r not in ("process baseline", "allocator slack",
-                                                                  "CUDA context + NCCL") else -1)
-        key = _row_key(ph.stage, row, ph)
-        out.append(f"{ph.name} needs {ph.total / GIB:.1f} GiB {unit}, over the {ph.budget / GIB:g} GiB budget; its "
-                   f"largest part is {row} ({ph.rows[row] / GIB:.1f} GiB): change {key}")
-    return out
-
-
-def verdict(p: Plan, name: str | None = None) -> str:
-    bad = failures(p, name)
-    where = "host memory" if p.cpu else f"{p.nodes * p.gpus} x {p.budget_gib:g} GiB"
-    if not bad:
-        return f"{name or p.recipe.name} fits {where} in every enabled stage, by this estimate"
-    return (f"{name or p.recipe.name} does not fit {where}: "
-            f"{', '.join(dict.fromkeys(b.split(' ', 1)[0].rstrip(':') for b in bad))} (what to change: below)")
-
-
-def check(p: Plan, name: str | None = None) -> None:
-    """Raise GazalError (exit status 2) naming the key to change when the recipe cannot fit."""
-    bad = failures(p, name)
-    if bad:
-        raise GazalError(f"{name or p.recipe.name} does not fit:\n  " + "\n  ".join(bad))

@@ -216,7 +216,47 @@ def check(recipe: Recipe, source: str = "recipe", lines: dict[tuple[str, ...], i
             f"grpo.per_device_train_batch_size x processes ({processes}) x grpo.steps_per_generation "
             "(default: gradient_accumulation_steps)"
         )
+    from gazal import sft_steps  # reads the SFT data when it is on this machine (nothing is downloaded)
+
+    # Outside a launch this counts one process, the most steps a run can have: a warning then holds
+    # for any launch; under accelerate launch it counts the launch's processes.
+    for key, message in sft_steps.check_intervals(recipe, processes):
+        log.warning("%s: %s", where(*key), message)
+    check_launch()
     check_passthrough(recipe)
+
+
+FSDP1_REFUSED = ("FSDP1 is not supported: Gazal's merged rollouts, change check and checkpoints read "
+                 "FSDP2 DTensor shards; under FSDP1 the adapter merge would run on flattened shards. "
+                 "Set fsdp_config.fsdp_version: 2 (as src/gazal/accelerate/fsdp.yaml does)")
+
+
+def check_launch(env: dict[str, str] | None = None) -> None:
+    """Refuse a launcher setup Gazal cannot run correctly: FSDP other than FSDP2.
+
+    accelerate launch exports ACCELERATE_USE_FSDP and FSDP_VERSION (1 when the config omits it).
+    """
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and env.get("FSDP_VERSION", "1") != "2":
+        raise GazalError(f"FSDP_VERSION={env.get('FSDP_VERSION', '1')} (from accelerate launch): {FSDP1_REFUSED}")
+
+
+def check_accelerate_config(path: Path) -> None:
+    """An accelerate config file Gazal would be launched with, checked before any launch."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise GazalError(f"{path}: broken YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise GazalError(f"{path}: an accelerate config must be a mapping")
+    if data.get("distributed_type") == "FSDP":
+        version = (data.get("fsdp_config") or {}).get("fsdp_version", 1)
+        if version != 2:
+            lines = _key_lines(text)
+            key = ("fsdp_config", "fsdp_version") if ("fsdp_config", "fsdp_version") in lines else ("distributed_type",)
+            raise GazalError(f"{_where(key, str(path), lines)}: {'.'.join(key)}: fsdp_version {version}: "
+                             f"{FSDP1_REFUSED}")
 
 
 def check_passthrough(recipe: Recipe) -> None:
