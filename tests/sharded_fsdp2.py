@@ -50,7 +50,11 @@ def main(out: Path) -> None:
     ids = tok(["<|im_start|>user\nFever, cough and pleuritic chest pain?<|im_end|>\n<|im_start|>assistant\n"],
               return_tensors="pt")["input_ids"]
     shards_before = {n: p.to_local().clone() for n, p in params.items()}
-    snapshot = ParamSnapshot(model)
+    gathers = []
+    full_tensor = DTensor.full_tensor
+    DTensor.full_tensor = lambda self, *a, **k: gathers.append(1) or full_tensor(self, *a, **k)
+    snapshot = ParamSnapshot(model)  # the change check reads shards: no gather
+    DTensor.full_tensor = full_tensor
     with torch.no_grad():
         forward_before = model(ids).logits
 
@@ -80,7 +84,10 @@ def main(out: Path) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     model(ids, labels=ids).loss.backward()
     optimizer.step()
+    DTensor.full_tensor = lambda self, *a, **k: gathers.append(1) or full_tensor(self, *a, **k)
     found["parameters"] = snapshot.compare(model)
+    DTensor.full_tensor = full_tensor
+    found["change_check_gathers"] = len(gathers)
 
     # Adapter gathered whole as accelerate's get_state_dict does for FSDP2, saved by rank 0,
     # merged there from a fresh base: its logits must be the trained sharded model's.

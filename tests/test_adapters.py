@@ -74,3 +74,28 @@ def test_zero_rate_adapter_dropout_becomes_identity_and_saves_the_second_base_pr
     assert n_before - n_after == layers  # one base projection fewer per DoRA layer
     assert torch.allclose(before, after, atol=1e-5)
     assert drop_inert_dropout(model) == 0
+
+
+def _peft_tiny():
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights=False)
+    return get_peft_model(load_model(resolve_model(TINY_QWEN3)), cfg)
+
+
+def test_change_check_sees_one_changed_bit_and_a_permutation_of_a_frozen_tensor():
+    from gazal.adapters import ParamSnapshot
+
+    model = _peft_tiny()
+    snapshot = ParamSnapshot(model)
+    unchanged = snapshot.compare(model)
+    assert unchanged["trainable_tensors_changed"] == unchanged["frozen_tensors_changed"] == 0
+    assert unchanged["trainable_tensors"] == 42 and unchanged["frozen_tensors"] > 0
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        embed = params["base_model.model.model.embed_tokens.weight"]
+        embed[[3, 7]] = embed[[7, 3]]  # rows swapped: same sum, same sum of squares
+        norm = params["base_model.model.model.norm.weight"]
+        norm.view(torch.int32)[5] ^= 1  # the last bit of one element
+        params["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"][0, 0] += 1e-3
+    changed = snapshot.compare(model)
+    assert changed["frozen_tensors_changed"] == 2 and changed["trainable_tensors_changed"] == 1

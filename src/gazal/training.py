@@ -154,7 +154,8 @@ def resume_checkpoint(out: Path) -> str:
 class ChangeCheck(TrainerCallback):
     """Snapshots the parameters when training begins: after the trainer has wrapped and sharded
     the model (before that, FSDP's efficient loading leaves other ranks' weights empty) and after a
-    resumed checkpoint is loaded. Every rank takes it, since gathering is collective."""
+    resumed checkpoint is loaded. Every rank takes it: each remembers its own shards, and the
+    comparison's all-reduce is collective."""
 
     def __init__(self) -> None:
         self.snapshot: ParamSnapshot | None = None
