@@ -68,6 +68,7 @@ def main(out: Path) -> None:
         with reference.disable_adapter():
             plain_logits = reference(ids).logits
     found["rollout_calls"] = rollouts.calls
+    found["folded_in_place"] = rollouts.in_place  # into FSDP's all-gather buffers: no second copy
     found["tokens_equal"] = torch.equal(merged_tokens, adapter_tokens)
     found["new_tokens"] = merged_tokens.shape[1] - ids.shape[1]
     found["logits_max_diff"] = float((merged_logits - adapter_logits).abs().max())

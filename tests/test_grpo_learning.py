@@ -238,7 +238,7 @@ def test_rollouts_on_wrongly_merged_weights_do_not_climb(peaked_model, tmp_path,
     real = gazal.adapters._merged
 
     @contextlib.contextmanager
-    def wrong(model):
+    def wrong(model, **kwargs):
         if merge == "base-weights":  # the adapter left out of the rollout weights
             with model.disable_adapter():
                 yield model
@@ -248,7 +248,7 @@ def test_rollouts_on_wrongly_merged_weights_do_not_climb(peaked_model, tmp_path,
             for p in lora_b:
                 p.neg_()
         try:
-            with real(model) as merged:
+            with real(model, **kwargs) as merged:
                 yield merged
         finally:
             with torch.no_grad():

@@ -46,6 +46,7 @@ def test_fsdp2_shards_merged_rollouts_change_check_and_merge_from_the_gathered_a
     assert found["local_rows"] * 2 == found["full_rows"]
     # Merged rollouts ran on whole weights and sampled what the adapter on whole weights samples.
     assert found["rollout_calls"] == 2 and found["new_tokens"] == 10
+    assert found["folded_in_place"] == 14  # every adapted linear (7 a layer x 2), into the gathered buffers
     assert found["tokens_equal"] and found["logits_max_diff"] < 1e-4 < found["adapter_effect"]
     # ... and left the shards bit-exact, still sharded, adapter unmerged.
     assert found["shards_exact_after_rollout"] and found["sharded_after_rollout"] and not found["merged_flag_after"]

@@ -210,21 +210,29 @@ def merge_saved_adapter(base: str, adapter_dir: Path, out: Path, dtype: str, tru
 class MergedRollouts:
     """Generation on merged weights for a PEFT model, whatever holds its parameters.
 
-    Call `generate_merged(model)` from inside the gather a trainer already does for generation:
+    Call `generate(model, generate_fn, ...)` from inside the gather a trainer already does for
+    generation. Each adapted base weight is replaced by its folded value (`fold`) while the adapter
+    layers are switched off, so the forward is the plain model's on merged weights:
 
-    - plain or DDP parameters: merge into new tensors, generate, put the original base weights
-      back (exact, with no copy kept; see `_merged`);
     - ZeRO-3: the parameters must already be gathered whole (TRL's `unwrap_model_for_generation`
-      does it); the merge rewrites the gathered copies, which DeepSpeed drops on exit, so the
-      partitions are untouched and no copy is needed;
-    - FSDP2: every unit is unsharded for the whole generation (see `fsdp2_unsharded`), merged,
-      and resharded after; the shards are untouched.
+      does it). The fold is written into the gathered buffers in place, one layer at a time:
+      DeepSpeed drops them on exit (TRL gathers without a modifier rank, so nothing is written
+      back), the partitions are untouched, and no second copy of the weights ever exists.
+      Persistent parameters (below DeepSpeed's persistence threshold) are not gathered copies,
+      so they take the path for plain parameters.
+    - FSDP2: every unit is unsharded for the whole generation (see `fsdp2_unsharded`) and the fold
+      is written into the all-gather buffers in place; reshard frees them without writing back.
+    - plain or DDP parameters: each folded weight is a new tensor and the original is put back
+      afterwards (exact; the originals are never written). The folded tensors are the one extra
+      copy, alive for the generation only.
     Where the weights are not whole (ZeRO-3 with TRL's gather turned off) the adapter is used as it
-    is, and one log line says so. `calls` counts merged generations, for tests and logs.
+    is, and one log line says so. `calls` counts merged generations, `in_place` the weights last
+    merged in place, for tests and logs.
     """
 
     def __init__(self) -> None:
         self.calls = 0
+        self.in_place = 0
         self._warned = False
 
     def generate(self, model: PeftModel, generate, *args, **kwargs):
@@ -237,11 +245,15 @@ class MergedRollouts:
                 self._warned = True
             return generate(*args, **kwargs)
         self.calls += 1
-        if kind == "fsdp2":
-            with fsdp2_unsharded(model), _merged(model):
+        stats: dict[str, int] = {}
+        try:
+            if kind == "fsdp2":
+                with fsdp2_unsharded(model), _merged(model, discarded=True, stats=stats):
+                    return generate(*args, **kwargs)
+            with _merged(model, discarded=kind == "zero3", stats=stats):
                 return generate(*args, **kwargs)
-        with _merged(model):
-            return generate(*args, **kwargs)
+        finally:
+            self.in_place = stats.get("in_place", 0)
 
 
 def _zero3_available(model: torch.nn.Module) -> bool:
@@ -250,26 +262,81 @@ def _zero3_available(model: torch.nn.Module) -> bool:
     return all(p.ds_status == ZeroParamStatus.AVAILABLE for p in model.parameters() if is_zero3(p))
 
 
-@contextmanager
-def _merged(model: PeftModel) -> Iterator[PeftModel]:
-    """The adapter merged for the block; afterwards the base weights are exactly what they were.
+def _adapted(model: torch.nn.Module) -> list[tuple[LoraLayer, str]]:
+    """(layer, adapter) for every LoRA linear with an active adapter to fold."""
+    found = []
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and not m.disable_adapters:
+            active = [a for a in m.active_adapters if a in m.lora_A]
+            if len(active) > 1:
+                raise ValueError("merged rollouts fold one active adapter per layer")
+            found += [(m, a) for a in active]
+    return found
 
-    PEFT's safe merge builds each merged weight as a new tensor (vanilla LoRA's plain merge would
-    add into the base weight in place; DoRA's replaces `.data` either way), so the original tensors
-    are never written, and putting them back is exact: no copy of the base weights is kept, and
-    merge/unmerge round-off never reaches them. The merged tensors are the one extra copy, alive
-    for the generation only. Putting the originals back matters under FSDP2 too, where they are
-    views into FSDP's all-gather buffers: a replaced one would stay allocated through every later
-    reshard. PEFT's unmerge still runs, for its own bookkeeping (merged flags, DoRA's cached norms);
-    its result is dropped.
+
+@torch.no_grad()
+def fold(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+         magnitude: torch.Tensor | None = None, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """A base weight with its LoRA (and DoRA) adapter merged, as PEFT's `Linear.merge` and
+    `DoraLinearVariant.merge_*` compute it, in float32 and cast to the base's dtype.
+
+    Written here rather than calling PEFT's merge because PEFT merges every layer of the model
+    into new tensors at once (a second copy of the adapted weights) and reads weights that may be
+    sharded; this computes one weight from whole tensors the caller already holds.
     """
-    bases = [m.base_layer.weight for m in model.modules() if isinstance(m, LoraLayer)]
-    tensors = [w.data for w in bases]
-    model.merge_adapter(safe_merge=True)
+    # (out, in) layout throughout, as nn.Linear stores it; fan_in_fan_out bases (Conv1D) are (in, out).
+    # Built in place in one float32 buffer: (B @ A) * scaling + W is PEFT's W + delta.
+    weight = (lora_b.float() @ lora_a.float()).mul_(scaling)
+    weight += base.T if fan_in_fan_out else base
+    if magnitude is not None:
+        # DoRA: magnitude / ||W + scaling B A|| per output row, the norm a constant (PEFT detaches it).
+        weight *= (magnitude.float() / torch.linalg.norm(weight, dim=1)).view(-1, 1)
+    if fan_in_fan_out:
+        weight = weight.T.contiguous()
+    return weight.to(base.dtype)
+
+
+def fold_layer(module: LoraLayer, adapter: str) -> torch.Tensor:
+    """`fold` for a LoRA layer whose parameters are whole where they are (gathered or plain)."""
+    return fold(module.get_base_layer().weight, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+                module.scaling[adapter],
+                module.lora_magnitude_vector[adapter].weight if module.use_dora.get(adapter) else None,
+                module.fan_in_fan_out)
+
+
+@contextmanager
+def _merged(model: PeftModel, discarded: bool = False, stats: dict[str, int] | None = None) -> Iterator[PeftModel]:
+    """The adapter folded into the base weights, and switched off, for the block.
+
+    discarded: the base weights are gathered copies thrown away after the block (ZeRO-3 inside
+    TRL's gather, FSDP2 unsharded), so folds are written into them in place and nothing is put
+    back. Otherwise each folded weight is a new tensor and the originals are put back afterwards:
+    exact, as they are never written, and needed under FSDP2 too, where a replaced parameter
+    would stay allocated through every later reshard. ZeRO-3 persistent parameters are real
+    storage, not copies, so they always take the second path. stats["in_place"]: the weights
+    folded in place.
+    """
+    restore: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    in_place = 0
+    with torch.no_grad():
+        for module, adapter in _adapted(model):
+            w = module.get_base_layer().weight
+            if lora_bias := module.lora_bias.get(adapter, False):
+                raise ValueError(f"merged rollouts do not fold lora_bias ({lora_bias})")
+            folded = fold_layer(module, adapter)
+            if discarded and not getattr(w, "ds_persist", False):
+                w.data.copy_(folded)
+                in_place += 1
+            else:
+                restore.append((w, w.data))
+                w.data = folded
+            del folded  # one layer's fold alive at a time on the in-place path
+    if stats is not None:
+        stats["in_place"] = in_place
     try:
-        yield model
+        with model.disable_adapter():  # the plain forward, on the folded weights
+            yield model
     finally:
-        model.unmerge_adapter()
         with torch.no_grad():
-            for w, t in zip(bases, tensors):
+            for w, t in restore:
                 w.data = t

@@ -750,9 +750,15 @@ def _transformers_rollout(m: _Machine, persistent: dict[str, float], hint: dict[
         rhint["gathered weights (whole model)"] = ("grpo.use_vllm (rollouts in vLLM, with Gazal's layer-wise weight "
                                                    "sync)")
     if g.merged_rollouts:
-        # PEFT's safe merge writes new tensors beside the kept originals (adapters._merged)
-        rollout["merged rollout copy"] = arch.linear_params() * b
-        rhint["merged rollout copy"] = "grpo.merged_rollouts"
+        if "gathered weights (whole model)" in rollout:
+            # Folded into the gathered buffers in place, one layer at a time (adapters._merged):
+            # the largest linear's float32 fold is the only transient.
+            rollout["merged rollout fold (one linear)"] = max(i * o for i, o in arch.linears().values()) * (4 + b)
+            rhint["merged rollout fold (one linear)"] = "grpo.merged_rollouts"
+        else:
+            # Unsharded weights are real storage: folds are new tensors beside the kept originals.
+            rollout["merged rollout copy"] = arch.linear_params() * b
+            rhint["merged rollout copy"] = "grpo.merged_rollouts"
     spg = g.steps_per_generation or g.gradient_accumulation_steps
     rollout["KV cache"] = gen_seqs * seq * arch.kv_bytes_per_token(b)
     rhint["KV cache"] = ("grpo.steps_per_generation" if spg > 1 else "grpo.per_device_train_batch_size"
