@@ -56,7 +56,8 @@ def _sampled_logprobs(model, tok, batch, tokens: int, merged: bool):
     return {"sampled": d[keep], **({"merge only": merge_only[keep]} if merged else {})}
 
 
-def gap(model_name: str, dtype: torch.dtype, tokens: int, seed: int, b_std: float) -> dict[str, dict[str, float]]:
+def gap(model_name: str, dtype: torch.dtype, tokens: int, seed: int, b_std: float,
+        device: str = "cpu") -> dict[str, dict[str, float]]:
     path = resolve_model(model_name)
     tok = load_tokenizer(path)
     torch.manual_seed(seed)
@@ -69,10 +70,10 @@ def gap(model_name: str, dtype: torch.dtype, tokens: int, seed: int, b_std: floa
                 p.normal_(0, b_std)
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + b_std * torch.randn_like(p))
-    model = model.to(dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in PROMPTS]
-    batch = tok(texts, return_tensors="pt", padding=True)
+    batch = tok(texts, return_tensors="pt", padding=True).to(device)
     out = {}
     for mode, merged in (("adapter", False), ("merged", True)):
         torch.manual_seed(seed)

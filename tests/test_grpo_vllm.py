@@ -110,6 +110,15 @@ def test_vllm_rollouts_are_corrected_once_by_trls_importance_weight(vllm_run):
     assert summary["importance_correction"] == "trl_vllm_importance_sampling"
     assert summary["sampler_logprob_batches"] == 0 and summary["merged_rollout_generations"] == 0
 
+    # Weights reached the server through Gazal's layer-wise sync, once per step; TRL's own never ran.
+    assert trl_syncs == [] and len(client.updates) == 2 and client.resets == 2
+    first, second = ({name for name, _ in update} for update in client.updates)
+    adapted = {n for n in first if n.endswith("_proj.weight")}
+    assert len(adapted) == 14 and "model.embed_tokens.weight" in first and "model.norm.weight" in first
+    assert second == adapted  # frozen tensors go once per run
+    assert [m[0] for m in client.metadata[1]] == [name for name, _ in client.updates[1]]
+    assert summary["vllm_weight_sync"]["syncs"] == 2
+
 
 def test_sampler_logprobs_with_vllm_is_refused_at_validation(capsys):
     code = main(["validate", "--config", "demo", "grpo.use_vllm=true", "grpo.sampler_logprobs=true"])

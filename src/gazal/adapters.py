@@ -217,7 +217,9 @@ class MergedRollouts:
     - ZeRO-3: the parameters must already be gathered whole (TRL's `unwrap_model_for_generation`
       does it). The fold is written into the gathered buffers in place, one layer at a time:
       DeepSpeed drops them on exit (TRL gathers without a modifier rank, so nothing is written
-      back), the partitions are untouched, and no second copy of the weights ever exists.
+      back), the partitions are untouched, and no second copy of the weights ever exists. The
+      buffers hold the folded weights until the gather ends, so one merged generation per
+      gather, as TRL's `_generate_single_turn` does it.
       Persistent parameters (below DeepSpeed's persistence threshold) are not gathered copies,
       so they take the path for plain parameters.
     - FSDP2: every unit is unsharded for the whole generation (see `fsdp2_unsharded`) and the fold

@@ -12,7 +12,7 @@ from datasets import Dataset
 from peft import PeftModel
 from trl import GRPOConfig, GRPOTrainer
 
-from gazal import audit, difficulty, pubmedqa, rundir
+from gazal import audit, difficulty, pubmedqa, rundir, vllm_sync
 from gazal.adapters import MergedRollouts, drop_inert_dropout, lora_config, upcast_dora_magnitudes
 from gazal.config import Recipe
 from gazal.errors import GazalError
@@ -327,6 +327,10 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     trainer.accuracy_column = names.index("accuracy") if "accuracy" in names else None
     trainer.gated_columns = tuple(i for i, spec in enumerate(cfg.rewards) if spec.only_when_accuracy_varies)
     trainer.sampler_logprobs = cfg.merged_rollouts and not cfg.use_vllm and sampler_logprobs(cfg, recipe.model.dtype)
+    # TRL's PEFT sync gathers the whole model at once under ZeRO-3; Gazal's sends one layer at a
+    # time, DoRA folded in (vLLM cannot serve DoRA adapters). tests/test_grpo_vllm.py fails if
+    # TRL stops calling `vllm_generation.sync_weights`.
+    layerwise = vllm_sync.install(trainer) if cfg.use_vllm else None
     upcast_dora_magnitudes(trainer.model)
     # TRL's disable_dropout has set every rate to 0; PEFT's DoRA still recomputes base projections
     # for a Dropout module whatever its rate.
@@ -346,6 +350,7 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                           stopped=(lambda: monitor.stopped) if monitor else None,
                           extra=lambda: {"merged_rollout_generations": trainer.rollouts.calls,
                                          "importance_correction": trainer.importance_correction(),
+                                         **({"vllm_weight_sync": layerwise.summary()} if layerwise else {}),
                                          "sampler_logprob_batches": trainer.sampler_logprob_batches,
                                          "sampler_logprob_batches_skipped": trainer.sampler_logprob_skipped,
                                          "groups_gated_on_accuracy": trainer.gated_groups})
