@@ -10,16 +10,17 @@ import copy
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from gazal.adapters import MergedRollouts, ParamSnapshot, merge_saved_adapter
+from gazal.training import adapter_only_fsdp_saves
 from gazal.models import TINY_QWEN3, load_model, load_tokenizer, resolve_model
 from gazal.sharding import sharding_of
 
@@ -90,15 +91,27 @@ def main(out: Path) -> None:
     DTensor.full_tensor = full_tensor
     found["change_check_gathers"] = len(gathers)
 
-    # Adapter gathered whole as accelerate's get_state_dict does for FSDP2, saved by rank 0,
-    # merged there from a fresh base: its logits must be the trained sharded model's.
+    # Adapter gathered whole by Gazal's FSDP save_model, saved by rank 0, merged there from a fresh
+    # base: its logits must be the trained sharded model's.
     model.eval()
     with torch.no_grad():
         trained_logits = model(ids).logits
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # The trainer's save_model as Gazal installs it under FSDP (every checkpoint and the final
+    # adapter), on a stand-in trainer whose `_save` is transformers' for a PEFT model.
+    adapter_dir, merged_dir = out.parent / "adapter", out.parent / "merged"
+    trainer = SimpleNamespace(is_fsdp_enabled=True, model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+                              args=SimpleNamespace(should_save=rank == 0, output_dir=str(adapter_dir)),
+                              _save=lambda path, state_dict: model.save_pretrained(path, state_dict=state_dict))
+    found["adapter_only_installed"] = adapter_only_fsdp_saves(trainer)
+    gathered = []
+    redistribute = DTensor.redistribute
+    DTensor.redistribute = lambda self, *a, **k: gathered.append(1) or redistribute(self, *a, **k)
+    trainer.save_model()
+    DTensor.redistribute = redistribute
+    # Only what trains is gathered; what accelerate's full state dict gathers, for comparison.
+    found["save_gathers"], found["adapter_only_saves"] = len(gathered), trainer.adapter_only_saves
+    found["full_state_dict_tensors"] = len(dict(model.named_parameters()))
     if rank == 0:
-        adapter_dir, merged_dir = out.parent / "adapter", out.parent / "merged"
-        model.save_pretrained(adapter_dir, state_dict=full)
         saved = load_file(adapter_dir / "adapter_model.safetensors")
         found["saved_keys_match"] = sorted(saved) == sorted(initial_adapter)
         found["saved_shapes_match"] = all(saved[k].shape == initial_adapter[k].shape for k in saved)

@@ -37,3 +37,11 @@ def test_an_fsdp1_accelerate_config_is_refused_naming_its_line(tmp_path, capsys)
 @pytest.mark.parametrize("name", sorted(p.name for p in SHIPPED.glob("*.yaml")))
 def test_every_shipped_accelerate_config_is_accepted(name, capsys):
     assert main(["validate", "--config", "demo", "--accelerate-config", str(SHIPPED / name)]) == 0
+
+
+def test_an_fsdp_config_without_full_state_dict_is_refused(tmp_path):
+    text = (SHIPPED / "fsdp.yaml").read_text().replace("FULL_STATE_DICT", "SHARDED_STATE_DICT")
+    bad = tmp_path / "sharded.yaml"
+    bad.write_text(text)
+    with pytest.raises(GazalError, match="fsdp_config.fsdp_state_dict_type: SHARDED_STATE_DICT"):
+        recipes.check_accelerate_config(bad)

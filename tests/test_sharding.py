@@ -55,6 +55,10 @@ def test_fsdp2_shards_merged_rollouts_change_check_and_merge_from_the_gathered_a
     p = found["parameters"]
     assert p["trainable_tensors"] == p["trainable_tensors_changed"] == 42 and p["frozen_tensors_changed"] == 0
     assert found["change_check_gathers"] == 0  # ... from each rank's shards, combined by one all-reduce
+    # The trainer's save_model, as Gazal installs it under FSDP: only the 42 adapter tensors are
+    # gathered (a full state dict gathers every parameter, frozen base included).
+    assert found["adapter_only_installed"] and found["adapter_only_saves"] == 1
+    assert found["save_gathers"] == 42 < found["full_state_dict_tensors"]
     # The gathered adapter has a single process's keys and shapes, all non-empty and trained; the
     # model merged from it on rank 0 computes what the trained shards compute.
     assert found["saved_keys_match"] and found["saved_shapes_match"] and found["saved_nonempty"]

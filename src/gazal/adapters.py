@@ -13,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 from torch.distributed.tensor import DTensor
 
 from gazal.config import LoraSettings
-from gazal.sharding import fsdp2_unsharded, is_zero3, sharding_of, unsharded_loading
+from gazal.sharding import fsdp2_unsharded, full_tensor, is_zero3, sharding_of, unsharded_loading
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,29 @@ def save_adapter_and_merged(trainer, tokenizer, folder: Path, base: str, dtype: 
         (adapter_dir / "README.md").write_text(model_card(summary, adapter=True), encoding="utf-8")
         (merged_dir / "README.md").write_text(model_card(summary, adapter=False), encoding="utf-8")
     log.info("saved adapter and merged model under %s", folder)
+
+
+def fsdp2_adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of an FSDP2 model, each gathered whole in turn onto rank 0's CPU
+    (other ranks get an empty dict). A collective: every rank calls it.
+
+    transformers' `Trainer.save_model` under FSDP gathers the whole model's full state dict, frozen
+    base included (~61 GiB of host memory on rank 0 for Qwen3-32B, at every checkpoint), and PEFT
+    keeps only the adapter from it. Written here rather than with torch's `get_model_state_dict(...,
+    ignore_frozen_params=True)` because that still gathers a tied weight's second name (a tied
+    embedding, vocabulary x hidden) before PEFT drops it.
+    """
+    import torch.distributed as dist
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = full_tensor(param)
+            if main:
+                out[name] = whole.to("cpu", copy=True)
+            del whole
+    return out
 
 
 def merge_saved_adapter(base: str, adapter_dir: Path, out: Path, dtype: str, trust_remote_code: bool = False) -> None:

@@ -251,12 +251,18 @@ def check_accelerate_config(path: Path) -> None:
     if not isinstance(data, dict):
         raise GazalError(f"{path}: an accelerate config must be a mapping")
     if data.get("distributed_type") == "FSDP":
-        version = (data.get("fsdp_config") or {}).get("fsdp_version", 1)
+        fsdp = data.get("fsdp_config") or {}
+        version = fsdp.get("fsdp_version", 1)
+        lines = _key_lines(text)
         if version != 2:
-            lines = _key_lines(text)
             key = ("fsdp_config", "fsdp_version") if ("fsdp_config", "fsdp_version") in lines else ("distributed_type",)
             raise GazalError(f"{_where(key, str(path), lines)}: {'.'.join(key)}: fsdp_version {version}: "
                              f"{FSDP1_REFUSED}")
+        if fsdp.get("fsdp_state_dict_type") != "FULL_STATE_DICT":
+            key = ("fsdp_config", "fsdp_state_dict_type")
+            raise GazalError(f"{_where(key, str(path), lines)}: fsdp_config.fsdp_state_dict_type: "
+                             f"{fsdp.get('fsdp_state_dict_type')}: Gazal saves the adapter gathered whole "
+                             "(only the trainable tensors); set FULL_STATE_DICT")
 
 
 def check_passthrough(recipe: Recipe) -> None:

@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
+from peft import PeftModel
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gazal import rundir, trackers
-from gazal.adapters import ParamSnapshot, save_adapter_and_merged
+from gazal.adapters import ParamSnapshot, fsdp2_adapter_state_dict, save_adapter_and_merged
 from gazal.sharding import sharding_of
 from gazal.config import GRPOSettings, Recipe, SFTSettings
 from gazal.errors import GazalError, TrainingStopped
@@ -184,6 +185,30 @@ def restore_checkpoint(trainer, path: str) -> None:
     trainer._load_optimizer_and_scheduler(path)
 
 
+def adapter_only_fsdp_saves(trainer) -> bool:
+    """Under FSDP with a PEFT model, make the trainer's `save_model` (every checkpoint and the final
+    adapter) gather only the trainable tensors; returns whether it was installed.
+
+    `Trainer.save_model` is public and called by `_save_checkpoint` as `self.save_model(...)`, so an
+    instance attribute takes its place; what it writes (PEFT's `save_pretrained` through the
+    trainer's `_save`) is the same adapter files. The optimizer and scheduler are still saved by the
+    trainer, which under FSDP2 already saves the adapter's state only (accelerate's
+    `adapter_only`). tests/test_sharding.py fails if this stops being installed or called.
+    """
+    if not trainer.is_fsdp_enabled or not isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel):
+        return False
+
+    def save_model(output_dir: str | None = None, _internal_call: bool = False) -> None:
+        state_dict = fsdp2_adapter_state_dict(trainer.model)
+        if trainer.args.should_save:
+            trainer._save(output_dir or trainer.args.output_dir, state_dict=state_dict)
+        trainer.adapter_only_saves += 1
+
+    trainer.adapter_only_saves = 0
+    trainer.save_model = save_model
+    return True
+
+
 def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[str, Any], recipe: Recipe,
                    base: str, resume_from: str | None = None, stopped: Callable[[], Any] | None = None,
                    extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -201,6 +226,7 @@ def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[
         # after training, the adapter would be lost.
         raise GazalError("the accelerate config's fsdp_state_dict_type must be FULL_STATE_DICT: Gazal saves the "
                          "adapter gathered whole (see src/gazal/accelerate/fsdp.yaml)")
+    adapter_only_fsdp_saves(trainer)
     check = ChangeCheck()
     trainer.add_callback(check)
     close_trackers = trackers.start(trainer, recipe, run_dir, stage, resumed=resume_from is not None)
