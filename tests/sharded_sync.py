@@ -31,6 +31,7 @@ from peft import LoraConfig, get_peft_model
 from gazal.models import TINY_QWEN3, load_model, resolve_model
 from gazal.sharding import sharding_of
 from gazal.vllm_sync import LayerwiseSync, folded_tensors, weight_metadata
+from vllm_stubs import RecordingClient
 
 
 def group_of(name: str) -> str:
@@ -38,17 +39,6 @@ def group_of(name: str) -> str:
     name = name.removeprefix("base_model.model.")
     layer = re.match(r"(model\.layers\.\d+)\.", name)
     return layer.group(1) if layer else name.rsplit(".", 1)[0]
-
-
-class RecordingClient:
-    def __init__(self):
-        self.updates, self.resets = [], 0
-
-    def update_named_params(self, metadata, tensors):
-        self.updates.append((metadata, [(n, t.clone()) for n, t in tensors]))
-
-    def reset_prefix_cache(self):
-        self.resets += 1
 
 
 def build():

@@ -16,27 +16,9 @@ import trl.trainer.grpo_trainer as trl_grpo
 from gazal.cli import main
 
 from test_grpo import TINY, _copy_sft, sft_run  # noqa: F401  (the module-scoped SFT run fixture)
+from vllm_stubs import RecordingClient
 
 SAMPLED_LOGP = -2.0  # what the fake vLLM says it sampled each token with
-
-
-class RecordingClient:
-    """The parts of TRL's VLLMClient a trainer calls, recorded."""
-
-    def __init__(self):
-        self.updates: list[list[tuple[str, torch.Tensor]]] = []
-        self.metadata: list[list[tuple[str, str, list[int]]]] = []
-        self.resets = 0
-
-    def get_server_info(self) -> dict:
-        return {"model_config": {"logprobs_mode": "processed_logprobs"}}
-
-    def update_named_params(self, metadata, named_params) -> None:
-        self.metadata.append(list(metadata))
-        self.updates.append([(name, t.detach().clone()) for name, t in named_params])
-
-    def reset_prefix_cache(self) -> None:
-        self.resets += 1
 
 
 def fake_generation(client: RecordingClient, completion: list[int], trl_syncs: list[int]):
@@ -112,11 +94,12 @@ def test_vllm_rollouts_are_corrected_once_by_trls_importance_weight(vllm_run):
 
     # Weights reached the server through Gazal's layer-wise sync, once per step; TRL's own never ran.
     assert trl_syncs == [] and len(client.updates) == 2 and client.resets == 2
-    first, second = ({name for name, _ in update} for update in client.updates)
+    first, second = ({name for name, _ in tensors} for _, tensors in client.updates)
     adapted = {n for n in first if n.endswith("_proj.weight")}
     assert len(adapted) == 14 and "model.embed_tokens.weight" in first and "model.norm.weight" in first
     assert second == adapted  # frozen tensors go once per run
-    assert [m[0] for m in client.metadata[1]] == [name for name, _ in client.updates[1]]
+    metadata, tensors = client.updates[1]
+    assert [m[0] for m in metadata] == [name for name, _ in tensors]
     assert summary["vllm_weight_sync"]["syncs"] == 2
 
 

@@ -20,6 +20,7 @@ from gazal.adapters import lora_config
 from gazal.config import LoraSettings
 from gazal.models import TINY_QWEN3, load_model, resolve_model
 from gazal.vllm_sync import LayerwiseSync, folded_tensors, install, weight_metadata
+from vllm_stubs import RecordingClient
 
 TESTS = Path(__file__).resolve().parent
 
@@ -252,19 +253,6 @@ def test_peak_grows_with_one_layer_not_the_model():
     # folded weight being yielded is alive: the largest is 128 x 64 float32).
     assert ours[0] == ours[1]
     assert ours[1][0] == 128 * 64 * 4 and ours[1][0] <= ours[1][1] < layer_bytes
-
-
-class RecordingClient:
-    """TRL's VLLMClient as the sync uses it: streams what it is given (kept here as copies)."""
-
-    def __init__(self):
-        self.updates, self.resets = [], 0
-
-    def update_named_params(self, metadata, tensors):
-        self.updates.append((metadata, [(n, t.clone()) for n, t in tensors]))
-
-    def reset_prefix_cache(self):
-        self.resets += 1
 
 
 def test_layerwise_sync_server_mode_streams_what_metadata_announces():
