@@ -45,3 +45,8 @@ def test_an_fsdp_config_without_full_state_dict_is_refused(tmp_path):
     bad.write_text(text)
     with pytest.raises(GazalError, match="fsdp_config.fsdp_state_dict_type: SHARDED_STATE_DICT"):
         recipes.check_accelerate_config(bad)
+
+
+def test_a_missing_accelerate_config_is_a_clear_error(tmp_path, capsys):
+    assert main(["validate", "--config", "demo", "--accelerate-config", str(tmp_path / "none.yaml")]) == 2
+    assert "--accelerate-config: file not found" in capsys.readouterr().err

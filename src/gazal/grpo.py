@@ -110,6 +110,7 @@ class GazalGRPOTrainer(GRPOTrainer):
         return rewards
 
     def _generate_and_score_completions(self, inputs):
+        # tests/test_grpo.py (sampler_logprob_batches, counted only here) fails if TRL stops calling it.
         out = super()._generate_and_score_completions(inputs)
         # Only where Gazal's merged rollouts sampled: under vLLM TRL already multiplies the loss by
         # exp(old - sampler) (its importance sampling correction), and replacing "old" as well would

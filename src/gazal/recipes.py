@@ -243,6 +243,8 @@ def check_launch(env: dict[str, str] | None = None) -> None:
 
 def check_accelerate_config(path: Path) -> None:
     """An accelerate config file Gazal would be launched with, checked before any launch."""
+    if not path.is_file():
+        raise GazalError(f"--accelerate-config: file not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text) or {}
