@@ -1,8 +1,8 @@
 """FSDP2 through accelerate and the real trainers: GPU only.
 
 accelerate sets its FSDP distributed type only for GPU-like devices (on a CPU, `--use_fsdp` silently
-runs unsharded), so this path cannot be sharded on CPU processes; tests/test_sharding.py covers
-Gazal's FSDP2 code on `fully_shard` directly. One process on CUDA/NCCL is enough to run the
+runs unsharded); tests/test_sharding.py covers Gazal's FSDP2 code on `fully_shard` directly and,
+through tests/fsdp_cpu.py, the trainers' checkpoints, rollback and resume on two CPU processes. One process on CUDA/NCCL is enough to run the
 trainers' FSDP2 path: the parameters become DTensors, the merged rollouts unshard them, the
 adapter is gathered by the trainer's save.
 """

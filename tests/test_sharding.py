@@ -1,8 +1,9 @@
 """Gazal's code on genuinely sharded parameters, with two CPU processes over gloo.
 
-FSDP2: torch's fully_shard applied directly (accelerate enables FSDP only on GPU-like devices, so
-`accelerate launch --use_fsdp` on a CPU silently runs unsharded); tests/sharded_fsdp2.py calls
-Gazal's functions on the shards.
+FSDP2: accelerate enables FSDP only on GPU-like devices (`accelerate launch --use_fsdp` on a CPU
+silently runs unsharded). tests/sharded_fsdp2.py applies torch's fully_shard directly and calls
+Gazal's functions on the shards; tests/fsdp_cpu.py lets accelerate take its FSDP branch on CPU so
+that the real trainers save, roll back and resume under FSDP2.
 
 DeepSpeed ZeRO-3: `accelerate launch` with the shipped CPU config runs the real trainers
 partitioned (see src/gazal/accelerate/deepspeed_zero3_cpu.yaml for why Gazal's use_cpu matters).
@@ -202,3 +203,91 @@ def test_zero3_bfloat16_grpo_with_dora_and_sampler_logprobs(runs, tmp_path, adap
     assert s["sharding"] == "zero3" and s["steps"] == 2
     assert s["parameters"]["trainable_tensors_changed"] == s["parameters"]["trainable_tensors"] == 42
     assert s["merged_rollout_generations"] == 2 and s["sampler_logprob_batches"] == 2
+
+
+# FSDP2 through accelerate and the real trainers on 2 CPU processes: tests/fsdp_cpu.py lets
+# accelerate take its FSDP branch on CPU (it does so only for GPU-like devices); the summary's
+# `sharding: fsdp2` shows the shim took effect.
+FSDP = ROOT / "src" / "gazal" / "accelerate" / "fsdp.yaml"
+FSDP_GRPO = ["grpo", "--config", "demo", *TINY, "grpo.sampler_logprobs=false", "grpo.save_steps=1",
+             "grpo.save_total_limit=null"]
+
+
+def _launch_fsdp(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP), "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", "0", str(TESTS / "fsdp_cpu.py"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def _peft_key(name: str) -> str:
+    """A module's parameter name as PEFT's adapter file spells it."""
+    name = name.replace(".default", "")
+    return name.removesuffix(".weight") if name.endswith("lora_magnitude_vector.weight") else name
+
+
+def _adam_residual(before: dict, after: dict, optimizer: dict) -> float:
+    """How far `after` is from one AdamW step from `before` with the moments in `optimizer` (the
+    state saved with `after`): ~1e-8 when the step started from `before` and its optimizer state."""
+    group = optimizer["param_groups"][0]
+    (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+    worst = 0.0
+    for name, state in optimizer["state"].items():
+        key = _peft_key(name)
+        t = float(state["step"])
+        update = (state["exp_avg"] / (1 - b1 ** t)) / ((state["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + eps)
+        worst = max(worst, float((before[key] * (1 - lr * wd) - lr * update - after[key]).abs().max()))
+    return worst
+
+
+def test_fsdp2_trainer_checkpoints_hold_only_the_adapter_and_rollback_and_resume_load_them(tmp_path):
+    run = tmp_path / "fsdp2"
+    proc = _launch_fsdp("sft", "--config", "demo", "--run-dir", str(run), *TINY)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((run / "sft" / "summary.json").read_text())["sharding"] == "fsdp2"
+    # As in the ZeRO-3 test: a rule fires at step 3 and rolls back to checkpoint-2.
+    rules = ["grpo.monitor.window=2", "grpo.monitor.entropy_low=0.999999", "grpo.monitor.entropy_high=1.000001",
+             "grpo.monitor.actions={entropy_collapse: rollback, entropy_blowup: rollback}"]
+    proc = _launch_fsdp(*FSDP_GRPO, "--run-dir", str(run), *rules, "grpo.max_steps=3")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = json.loads((run / "grpo" / "summary.json").read_text())
+    assert s["sharding"] == "fsdp2" and s["processes"] == 2 and s["merged_rollout_generations"] == 3
+    events = [json.loads(line) for line in (run / "grpo" / "events.jsonl").read_text().splitlines()]
+    assert [(e["step"], Path(e["restored"]).name) for e in events if e["action"] == "rollback"] == [(3, "checkpoint-2")]
+
+    ckpt = run / "grpo" / "checkpoints"
+    adapters = {n: load_file(ckpt / f"checkpoint-{n}" / "adapter_model.safetensors") for n in (1, 2, 3)}
+    trainable = set(adapters[1])
+    assert len(trainable) == 42
+    for n in (1, 2, 3):
+        # What the trainer saves for resuming holds what trains, not the frozen base. The one extra
+        # name is the tied output embedding: torch's ignore_frozen_params keeps a tied weight's
+        # second name (Qwen3-32B's lm_head is untied, so its checkpoints are the adapter alone).
+        model = torch.load(ckpt / f"checkpoint-{n}" / "pytorch_model_fsdp.bin", weights_only=True)
+        names = {_peft_key(k) for k in model}
+        assert trainable <= names and names - trainable == {"base_model.model.lm_head.weight"}
+    # The rollback restored checkpoint-2's adapter and optimizer bit for bit: checkpoint-3, saved
+    # right after it, holds them, and the rollback's learning-rate factor.
+    assert all(torch.equal(adapters[2][k], adapters[3][k]) for k in trainable)
+    assert all(not torch.equal(adapters[1][k], adapters[2][k]) for k in trainable)
+    opt2, opt3 = (torch.load(ckpt / f"checkpoint-{n}" / "optimizer.bin", weights_only=False) for n in (2, 3))
+    assert opt2["state"].keys() == opt3["state"].keys() and len(opt2["state"]) == 42
+    assert all(torch.equal(v, opt3["state"][k][kk]) for k in opt2["state"] for kk, v in opt2["state"][k].items())
+    assert opt3["param_groups"][0]["lr"] == pytest.approx(0.5 * opt2["param_groups"][0]["lr"])
+
+    # --resume continues from checkpoint-3: step 4 is one AdamW step from checkpoint-3's adapter
+    # with its moments (a fresh adapter or optimizer would be far from it: the step counter too).
+    (run / "grpo" / "DONE").unlink()
+    proc = _launch_fsdp(*FSDP_GRPO, "--run-dir", str(run), "grpo.max_steps=4", "--resume")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = json.loads((run / "grpo" / "summary.json").read_text())
+    assert s["sharding"] == "fsdp2" and s["resumed_from"].endswith("checkpoint-3") and s["steps"] == 4
+    assert s["parameters"]["trainable_tensors_changed"] == 42 and s["parameters"]["frozen_tensors_changed"] == 0
+    opt4 = torch.load(ckpt / "checkpoint-4" / "optimizer.bin", weights_only=False)
+    assert {float(v["step"]) for v in opt4["state"].values()} == {float(v["step"]) + 1 for v in opt3["state"].values()}
+    four = load_file(ckpt / "checkpoint-4" / "adapter_model.safetensors")
+    assert _adam_residual(adapters[3], four, opt4) < 1e-6
+    assert _adam_residual(adapters[1], four, opt4) > 1e-3  # the check tells checkpoints apart
+    final = load_file(run / "grpo" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], four[k]) for k in trainable)

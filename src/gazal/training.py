@@ -194,7 +194,7 @@ def adapter_only_fsdp_saves(trainer) -> bool:
     trainer's `_save`) is the same adapter files. The optimizer and scheduler are still saved by the
     trainer, which under FSDP2 already saves the adapter's state only (accelerate's
     `adapter_only`). tests/test_sharding.py checks what it gathers on FSDP2 shards over two CPU
-    processes; a trainer runs under FSDP only on GPUs (tests/test_gpu_sharding.py, skipped here).
+    processes, and runs the trainers' checkpoints, rollback and resume under FSDP2 there.
     """
     if not trainer.is_fsdp_enabled or not isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel):
         return False
