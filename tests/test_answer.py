@@ -12,6 +12,7 @@ VITAMINS = {"A": "Vitamin B1", "B": "Vitamin B12", "C": "Folate", "D": "Iron"}
 HEPATITIS = {"A": "Hepatitis B", "B": "Hepatitis C", "C": "Hepatitis A", "D": "Hepatitis E"}
 CELLS = {"A": "T cells", "B": "NK cells", "C": "B cells", "D": "Macrophages"}
 BUGS = {"A": "S. aureus", "B": "E. coli", "C": "K. pneumoniae", "D": "P. aeruginosa", "E": "C. difficile"}
+ANTIBIOTICS = {"A": "Ceftriaxone", "B": "Vancomycin", "C": "Metronidazole", "D": "Doxycycline"}
 
 CASES = [
     # (completion, labels, options, label, status)
@@ -158,6 +159,88 @@ CASES = [
     ("<think>x</think>\nThe answer is hepatitis B", ABCD, None, None, NO_ANSWER),
     ("<think>x</think>\nThe answer is e.g. a beta blocker", ABCD, None, None, NO_ANSWER),
     ("<think>x</think>\nThe answer is i.e. folate", ABCD, VITAMINS, "C", OK),
+    # issue 25: a second option offered as possible is a hedge, however it is worded (rule 5)
+    ("<think>x</think>\nThe answer is C, or maybe A.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nAnswer: B, perhaps D", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nAnswer: A (or possibly C)", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nD, although B is also possible.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nThe answer is A; C can't be ruled out.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nAnswer: B (D is a close alternative)", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nI'd go with B, though I wouldn't rule out C.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nIt is either A or D.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nAnswer: C/D", ABCD, None, None, HEDGE),
+    ("<think>x</think>\n**Answer: (C) or (D)**", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nProbably A, but C might also be right.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nAnswer: E, with F as a close second", A_J, None, None, HEDGE),
+    ("<think>x</think>\nThe answer is (G), or perhaps (H).", A_J, None, None, HEDGE),
+    ("<think>x</think>\nThe answer is ceftriaxone or vancomycin.", ABCD, ANTIBIOTICS, None, HEDGE),
+    ("<think>x</think>\nAnswer: no, or possibly maybe", YNM, None, None, HEDGE),
+    ("<think>x</think>\nAnswer: maybe, though yes is also reasonable.", YNM, None, None, HEDGE),
+    ("<think>x</think>\nThe answer is either yes or maybe.", YNM, None, None, HEDGE),
+    ("<think>x</think>\nyes/maybe", YNM, None, None, HEDGE),
+    # ... but a label set aside is no offer (rule 4), and neither is one named in the explanation
+    ("<think>x</think>\nAnswer: D, not A", ABCD, None, "D", OK),
+    ("<think>x</think>\nThe answer should be B rather than C.", ABCD, None, "B", OK),
+    ("<think>x</think>\nI'd pick C over D.", ABCD, None, "C", OK),
+    ("<think>x</think>\nC is wrong; the answer is A.", ABCD, None, "A", OK),
+    ("<think>x</think>\nAnswer: not C but A", ABCD, None, "A", OK),
+    ("<think>x</think>\nNot A, B, or C, so D.", ABCD, None, "D", OK),
+    ("<think>x</think>\nFinal answer: A (not B, C or D)", ABCD, None, "A", OK),
+    ("<think>x</think>\nThe correct answer is B, A is incorrect, D is incorrect.", ABCD, None, "B", OK),
+    ("<think>x</think>\nB and C are wrong; A is correct.", ABCD, None, "A", OK),
+    ("<think>x</think>\nThe answer is C, since A and B would drop the pressure further.", ABCD, None, "C", OK),
+    ("<think>x</think>\nThe answer is B. A or C would be reasonable if she were stable.", ABCD, None, "B", OK),
+    ("<think>x</think>\nThe answer is A; D would be correct if she were pregnant.", ABCD, None, "A", OK),
+    ("<think>x</think>\nAnswer: C. Hepatitis B is also possible but less likely.", ABCD, None, "C", OK),
+    ("<think>x</think>\nThe answer is H, not I.", A_J, None, "H", OK),
+    ("<think>x</think>\nAnswer: yes, not maybe", YNM, None, "yes", OK),
+    ("<think>x</think>\nThe answer is not no; it is yes.", YNM, None, "yes", OK),
+    ("<think>x</think>\nAnswer: ceftriaxone, not vancomycin", ABCD, ANTIBIOTICS, "A", OK),
+    ("<think>x</think>\nNot D.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is not B.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nD is incorrect.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nA is a distractor here.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nI don't think it's C.", ABCD, None, None, NO_ANSWER),
+    # verdicts and first-person answers (rule 2)
+    ("<think>x</think>\nI think D is the correct answer.", ABCD, None, "D", OK),
+    ("<think>x</think>\nI believe that A is correct.", ABCD, None, "A", OK),
+    ("<think>x</think>\nI'm fairly confident (C) is right.", ABCD, None, "C", OK),
+    ("<think>x</think>\nOption c is the most appropriate.", ABCD, None, "C", OK),
+    ("<think>x</think>\n**B** is the best answer.", ABCD, None, "B", OK),
+    ("<think>x</think>\n[B] is the correct answer.", ABCD, None, "B", OK),
+    ("<think>x</think>\nC is the right option because the murmur is diastolic.", ABCD, None, "C", OK),
+    ("<think>x</think>\nI think I is correct.", A_J, None, "I", OK),
+    ("<think>x</think>\nThe answer is D. B is the best choice, though C is also possible.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nMy answer: C", ABCD, None, "C", OK),
+    ("<think>x</think>\nI'm confident the answer is C", ABCD, None, "C", OK),
+    ("<think>x</think>\nIt's B.", ABCD, None, "B", OK),
+    ("<think>x</think>\nThat makes C the answer.", ABCD, None, "C", OK),
+    ("<think>x</think>\nD it is.", ABCD, None, "D", OK),
+    ("<think>x</think>\nLeaning towards C.", ABCD, None, "C", OK),
+    ("<think>x</think>\nI'll choose c.", ABCD, None, "C", OK),
+    ("<think>x</think>\nHence [C].", ABCD, None, "C", OK),
+    ("<think>x</think>\nThe correct drug here is vancomycin.", ABCD, ANTIBIOTICS, "B", OK),
+    ("<think>x</think>\nI think yes is right.", YNM, None, "yes", OK),
+    ("<think>x</think>\nI was right about the murmur.", A_J, None, None, NO_ANSWER),
+    ("<think>x</think>\nInitially I thought A was correct, but on review it is D.", ABCD, None, "D", OK),
+    # answer markers: dashes, bold, LaTeX
+    ("<think>x</think>\nAnswer — C", ABCD, None, "C", OK),
+    ("<think>x</think>\nAnswer – B", ABCD, None, "B", OK),
+    ("<think>x</think>\n**Answer: (C)**", ABCD, None, "C", OK),
+    ("<think>x</think>\nFinal answer: \\boxed{C}", ABCD, None, "C", OK),
+    ("<think>x</think>\n$\\boxed{\\textbf{D}}$", ABCD, None, "D", OK),
+    ("<think>x</think>\nFinal answer: \\boxed{\\text{(A)}}", ABCD, None, "A", OK),
+    ("<think>x</think>\n\\(\\boxed{\\mathrm{H}}\\)", A_J, None, "H", OK),
+    ("<think>x</think>\n$\\boxed{\\text{no}}$", YNM, None, "no", OK),
+    # prose capitals stay prose (rule 7)
+    ("<think>x</think>\nA 30-year-old man needs an ECG.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nD-dimer should be measured first.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe answer is C-peptide.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nA CT scan is indicated.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nI was unable to decide.", A_J, None, None, NO_ANSWER),
+    ("<think>x</think>\nVitamin D is the most likely deficiency.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nA fever of 38 °C is common.", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nThe temperature was 37.8 °C or higher.", ABCD, None, None, NO_ANSWER),
 ]
 
 
@@ -174,8 +257,20 @@ def test_option_line_is_one_answer_statement(answer_text, label):
     assert (statement.extraction.label, statement.extraction.status) == (label, OK)
 
 
+@pytest.mark.parametrize("answer_text,label,status", [
+    ("\nC is the correct answer.\n", "C", OK),
+    ("\nI believe option b is the best choice.\n", "B", OK),
+    ("\nB is the correct answer, though D is also possible.\n", None, HEDGE),
+])
+def test_verdict_is_one_answer_statement(answer_text, label, status):
+    # "correct answer" inside a verdict is not a second, empty statement: the format reward sees one.
+    [statement] = answer_statements(answer_text, ABCD)
+    assert (statement.extraction.label, statement.extraction.status) == (label, status)
+
+
 def test_only_clean_answers_earn_credit():
     assert is_correct(extract_answer("The answer is B", ABCD), "B")
     assert not is_correct(extract_answer("The answer is B or C", ABCD), "B")
     assert not is_correct(extract_answer("The answer is C", ABCD), "B")
     assert is_correct(extract_answer("The answer is Yes", YNM), "yes")
+    assert not is_correct(extract_answer("The answer is A, or perhaps C.", ABCD), "A")

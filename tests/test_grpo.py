@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 import gazal.generation
 from gazal import rundir
+from gazal.advantages import gate_on_accuracy, neutral_skips
 from gazal.cli import main
-from gazal.grpo import gate_on_accuracy, neutral_skips
+from gazal.recipes import load_recipe
 
 TINY = [
     "model.name_or_path=gazal:tiny-qwen3",
@@ -318,3 +319,25 @@ def test_trl_passthrough_refuses_at_validation(override, expected, capsys):
 
 def test_trl_passthrough_accepts_a_real_field(capsys):
     assert main(["validate", "--config", "demo", "grpo.trl.max_grad_norm=0.5", "sft.trl.neftune_noise_alpha=5"]) == 0
+
+
+@pytest.mark.parametrize("aggregation,scale", [("sum_then_normalize", "group"), ("sum_then_normalize", "batch"),
+                                               ("normalize_then_sum", "group")])
+def test_the_audits_advantages_are_the_ones_trl_trains_on(sft_run, tmp_path, aggregation, scale):
+    # gazal.advantages restates TRL's advantage formula for the reward audit; this fails if TRL's changes.
+    import torch
+
+    from gazal.advantages import group_advantages
+
+    run = _copy_sft(sft_run, tmp_path / "r")
+    args = [*TINY, "grpo.per_device_train_batch_size=8", "grpo.max_steps=1", "grpo.samples_every=1",
+            f"grpo.multi_objective_aggregation={aggregation}", f"grpo.scale_rewards={scale}"]
+    assert main(["grpo", "--config", "demo", "--run-dir", str(run), *args]) == 0
+    samples = _rows(run / "grpo" / "samples.jsonl")
+    assert len(samples) == 8  # two groups of 4 in one batch
+    weights = torch.tensor([s.weight for s in load_recipe("demo", args).grpo.rewards], dtype=torch.float64)
+    rewards = torch.tensor([list(r["rewards"].values()) for r in samples], dtype=torch.float64)
+    ours = group_advantages(rewards, weights, 4, 0, (), aggregation, scale)
+    logged = torch.tensor([r["advantage"] for r in samples], dtype=torch.float64)
+    assert logged.abs().max() > 0.1  # the lengths differ, so there is something to compare
+    assert torch.allclose(ours, logged, atol=1e-4), (ours, logged)

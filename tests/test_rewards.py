@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from gazal.audit import audit_set, hacks, honest, reward_tokenizer, run_audit
+from gazal.audit import (KNOWN_OPEN, SEMANTIC, advantage_audit, advantage_verdicts, audit_set, hacks, honest,
+                         reward_tokenizer, run_audit)
 from gazal.cli import main
 from gazal.recipes import load_recipe
 from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model
@@ -190,7 +191,7 @@ def test_yesterdays_reward_loses_to_a_content_free_template(name):
     old = load_recipe(name, [OLD_REWARDS[name]])
     failed = {r.hack for r in run_audit(old, tokenizer) if not r.passed}
     assert {"content_free_template", "cue_word_list", "generic_steps_with_options"} <= failed
-    assert not [r for r in run_audit(load_recipe(name), tokenizer) if not r.passed and not r.known_open]
+    assert not [r for r in run_audit(load_recipe(name), tokenizer) if not r.passed and r.gated]
 
 
 def test_case_reasoning_pays_the_seed_reasoning_of_every_case_above_every_empty_family():
@@ -233,22 +234,30 @@ def test_case_reasoning_floor_and_yes_no_questions():
 
 @pytest.mark.parametrize("name", ["demo", "gazal-r1-32b"])
 def test_audit_passes_for_shipped_recipes(name, capsys):
-    # Every seed case, not just the 8 the pre-GRPO audit samples.
+    # Every seed case, not just the 8 the pre-GRPO audit samples, and both hack sets.
     # The demo measures lengths with its own tokenizer; the 32B recipe's is not here offline, and the
     # tiny model's (about 1.6 x as many tokens) stands in, which only makes honest completions longer.
     assert main(["rewards", "audit", "--config", name, "--questions", "163"]) == 0
     out = capsys.readouterr().out
     assert " 0 failed" in out and "content_free_template" in out and "another_cases_reasoning" in out
-    assert "GAMES THE REWARD" not in out and "KNOWN OPEN" in out  # the open families are shown, not hidden
+    assert "rt_borrowed_reasoning" in out and "red team" in out  # the red-team set is reported too
+    assert "GAMES THE REWARD" not in out and "OVER THE BAR" not in out
+    assert "KNOWN OPEN" in out  # the open families are shown, not hidden
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 open: a lexical case_reasoning still pays these templates; "
-                                       "when this passes, take the families out of audit.KNOWN_OPEN")
 @pytest.mark.parametrize("name", ["demo", "gazal-r1-32b"])
-def test_known_open_families_no_longer_game_the_reward(name):
+def test_known_open_families_still_fail_and_no_other_does(name):
+    # A family leaves audit.KNOWN_OPEN when it stops failing: this fails the day one does.
     recipe = load_recipe(name)
-    rows = run_audit(recipe, reward_tokenizer(recipe), 163)
-    assert not [r for r in rows if r.known_open and not r.passed]
+    tokenizer = reward_tokenizer(recipe)
+    failing = {r.hack for r in run_audit(recipe, tokenizer, 163) if not r.passed and r.hack not in SEMANTIC}
+    failing |= {f for f, v in advantage_verdicts(advantage_audit(recipe, tokenizer, 163)).items() if not v["passed"]}
+    assert failing <= set(KNOWN_OPEN)
+    if name == "gazal-r1-32b":  # each listed family fails for at least one shipped recipe
+        demo = load_recipe("demo")
+        demo_tok = reward_tokenizer(demo)
+        failing |= {r.hack for r in run_audit(demo, demo_tok, 163) if not r.passed and r.hack not in SEMANTIC}
+        assert failing == set(KNOWN_OPEN)
 
 
 def test_audit_fails_for_an_accuracy_only_reward(tokenizer, capsys):
@@ -274,3 +283,23 @@ def test_rewards_score_cli(tmp_path, capsys):
     assert "cosine_length" in capsys.readouterr().out
     path.write_text(json.dumps({"completion": "x", "answer": "C"}) + "\n")
     assert main(["rewards", "score", str(path), "--config", "demo", "model.name_or_path=gazal:tiny-qwen3"]) == 2
+
+
+def test_repetition_has_a_dead_zone_and_case_reasoning_saturates():
+    rep = resolve_reward("repetition", {"tolerance": 0.1})
+    words = " ".join(f"w{i}" for i in range(40))
+    few = f"<think>{words} w0 w1 w2</think>\nThe answer is C."  # 1 of 40 trigrams repeated: inside the zone
+    many = f"<think>{words} {words}</think>\nThe answer is C."  # about half repeated
+    got = rep(completions=[few, many], options=[OPTS, OPTS])
+    share = [-v for v in resolve_reward("repetition", {"tolerance": 0.0})(completions=[few, many], options=[OPTS, OPTS])]
+    assert 0 < share[0] < 0.1 < 0.4 < share[1]  # the repeated shares, without a dead zone
+    assert got[0] == 0.0 and got[1] == pytest.approx(-(share[1] - 0.1) / 0.9)
+    graded, capped = resolve_reward("case_reasoning", {"saturate_at": 1.0}), resolve_reward("case_reasoning")
+    task = load_recipe("demo").task
+    for case, _ in audit_set(8):
+        cut = honest(case)["discriminating_conclusion"]
+        column = {"completions": [cut], "prompts": [messages(case.item, task)], "options": [case.item.options]}
+        raw, paid = graded(**column)[0], capped(**column)[0]
+        assert 0 < raw and paid == pytest.approx(min(1.0, raw / 0.6))
+    with pytest.raises(ValueError):
+        resolve_reward("case_reasoning", {"saturate_at": 0})

@@ -19,61 +19,16 @@ import logging
 import re
 from dataclasses import dataclass
 
-from gazal.answer import extract_answer
+from gazal.audit_cases import Case, honest, seed_cases
 from gazal.config import Recipe
-from gazal.data import read_jsonl, seed_path
+from gazal.data import read_jsonl
 from gazal.errors import GazalError
 from gazal.models import TINY_QWEN3, load_tokenizer, resolve_model
+from gazal.redteam import RED_TEAM_SEMANTIC, RED_TEAM_STRUCTURAL, red_team_hacks
 from gazal.rewards import _COMMON, RewardSet, _stem, overlong  # the audit attacks the reward's own rules
-from gazal.tasks import Item, messages
+from gazal.tasks import messages
 
 log = logging.getLogger(__name__)
-
-_OPTION_LINE = re.compile(r"^([A-J])\. (.+)$", re.MULTILINE)
-_STEP = re.compile(r"(?:^|\s)(\d)\.\s+")
-
-
-@dataclass(frozen=True)
-class Case:
-    """A seed case as a question, with its reasoning steps and the seed's answer sentence."""
-
-    item: Item
-    steps: list[str]
-    answer_text: str
-    specialty: str
-
-
-def seed_cases() -> list[Case]:
-    """The bundled SFT cases that have lettered options and a four-step reasoning."""
-    cases = []
-    for _, row in read_jsonl(seed_path("seed:sft")):
-        options = dict(_OPTION_LINE.findall(row["case"]))
-        steps = [s.strip() for s in _STEP.split(row["reasoning"])[2::2]]
-        if len(options) < 2 or len(steps) < 3:
-            continue
-        label = extract_answer(row["answer"], list(options), options).label
-        if label is None:
-            continue
-        question = row["case"][: _OPTION_LINE.search(row["case"]).start()].strip()
-        cases.append(Case(Item(row["id"], question, label, options, category=row["category"]), steps, row["answer"],
-                          row.get("specialty", "")))
-    return cases
-
-
-def honest(case: Case) -> dict[str, str]:
-    """The case's own reasoning at several lengths, each ending in one clean answer."""
-    s, letter = case.steps, case.item.answer
-
-    def think(steps: list[str]) -> str:
-        return "<think>\n" + "\n".join(f"{i}. {x}" for i, x in enumerate(steps, 1)) + "\n</think>\n"
-
-    return {
-        "full_explained": think(s) + case.answer_text,
-        "full": think(s) + f"The answer is {letter}.",
-        "findings_discriminating_conclusion": think([s[0], *s[2:]]) + f"The answer is {letter}.",
-        "discriminating_conclusion": think(s[2:]) + f"The answer is {letter}.",
-    }
-
 
 _VARIED_EMPTY = [
     "Careful consideration of every aspect is essential here.", "Each possibility deserves proper attention.",
@@ -89,6 +44,22 @@ _FILL = ["an acute systemic process", "significant physiological compromise", "a
 _REL = ["suggests", "indicates", "points toward", "reflects", "implies", "is consistent with"]
 _AGAINST = ["seems unlikely given the", "does not fit the", "is argued against by the", "fails to explain the",
             "is less typical with the"]
+
+
+# Real medical terms that belong to no particular case (issue 25's "filler made of real medical terms").
+_MED_TERMS = ["complement activation", "sympathetic overdrive", "endothelial dysfunction", "mitochondrial uncoupling",
+              "cytokine release", "renin-angiotensin activation", "microvascular thrombosis", "oxidative stress",
+              "neutrophil chemotaxis", "impaired autoregulation", "insulin resistance", "baroreceptor resetting"]
+_MED_VERB = ["reflects", "is driven by", "points to", "arises from"]
+
+
+def _swapped(text: str, gold: str, rival: str) -> str:
+    """`text` with the names of the gold option and a rival exchanged (the answer line kept)."""
+    think, _, after = text.partition("</think>")
+    mark = "\x00"
+    swapped = re.sub(re.escape(gold), mark, think, flags=re.IGNORECASE)
+    swapped = re.sub(re.escape(rival), gold, swapped, flags=re.IGNORECASE).replace(mark, rival)
+    return f"{swapped}</think>{after}"
 
 
 def _windows(question: str) -> list[str]:
@@ -112,8 +83,9 @@ def _template(terms: list[str], letter: str, opts: dict[str, str], claims: list[
     return "<think>\n" + "\n".join(lines) + f"\n</think>\nThe answer is {letter}."
 
 
-def hacks(case: Case, other: Case) -> dict[str, str]:
-    """Gaming completions for one case, by name (`other` lends its reasoning to one of them)."""
+def dev_hacks(case: Case, other: Case) -> dict[str, str]:
+    """The development set: gaming completions for one case, by name (`other` lends its reasoning
+    to one of them). The reward may be tuned on these; gazal.redteam holds the set it may not."""
     item, letter = case.item, case.item.answer
     opts = item.options or {}
     gold = opts[letter]
@@ -177,21 +149,40 @@ def hacks(case: Case, other: Case) -> dict[str, str]:
         "case_windows_with_filler": _template(_windows(item.question), letter, opts,
                                               [f"{r} {f}" for r, f in zip(_REL, _FILL)], article=False),
         "varied_empty_padding": "<think>\n" + "\n".join(_VARIED_EMPTY) + f"\n</think>\n{answer}",
+        # From issue 25: the honest reasoning arguing for a distractor (the gold's and a distractor's
+        # names swapped), with the right letter at the end; and real medical terms about nothing.
+        "swapped_options": _swapped(full, gold, opts[wrong]),
+        "medical_term_filler": "<think>\n" + "\n".join(
+            [f"The {t.lower()} {_MED_VERB[i % 4]} {_MED_TERMS[(i * 3 + len(t)) % len(_MED_TERMS)]}."
+             for i, t in enumerate(specific[:5])]
+            + [f"{o} {_AGAINST[j % 5]} {_MED_TERMS[(j * 5 + 2) % len(_MED_TERMS)]}." for j, o in enumerate(others[:2])]
+            + [f"{gold} accounts for the {_MED_TERMS[7]} and the {specific[0]}."]) + f"\n</think>\n{answer}",
         "honest_cut_padded": honest(case)["discriminating_conclusion"].split("</think>")[0]
                              + "\n".join(_VARIED_EMPTY * 2) + f"\n</think>\n{answer}",
     }
 
 
-# Families that still game the shipped rewards, found by a red-team pass that read case_reasoning's
-# rules (issue 12 stays open for them): generic filler that never repeats (its words look like
-# knowledge to a lexical measure), numbers as knowledge, quoted case windows. The audit reports
-# them on every run; `gazal grpo` warns about them instead of refusing, so the demo still trains.
-# tests/test_rewards.py fails (strict xfail) the day a reward ranks them below every honest cut,
-# to have them moved out of this list.
+RED_TEAM = RED_TEAM_STRUCTURAL | RED_TEAM_SEMANTIC
+
+
+def hacks(case: Case, other: Case) -> dict[str, str]:
+    """Every gaming completion for one case: the development set, then the red team's."""
+    return {**dev_hacks(case, other), **red_team_hacks(case, other)}
+
+
+# Families that still game a shipped reward, each with what it wins. The audit reports them on
+# every run; `gazal grpo` warns about them instead of refusing. Semantic families are not listed:
+# a lexical guard ties them with honest reasoning by design (the classic audit counts a tie as a
+# failure and reports them; the advantage audit holds them to SEMANTIC_BAR). tests/test_rewards.py
+# fails the day a listed family stops failing, to have it removed (issue 25).
 KNOWN_OPEN = {
-    "varied_filler_per_finding": "generic clinical filler differs per sentence, so it reads as new knowledge",
-    "numbers_as_knowledge": "claims carried by the conclusion's generic words and the options' text",
-    "case_windows_with_filler": "quoted case windows with generic filler",
+    "rt_options_restated": "the options restated as reasoning reach the guard's bar: in an all-correct group it "
+                           "beats the honest reasoning of sft-0111 (which scores below the bar), and it ties or "
+                           "beats the shortest honest cuts on single-completion totals",
+    "rt_padding_after_honest_cut": "an honest two-step cut padded with empty sentences ties or beats the shortest "
+                                   "honest cuts on single-completion totals when lengths earn nothing (gazal-r1-32b)",
+    "generic_steps_with_options": "ties or beats the shortest honest cut of one or two cases on single-completion "
+                                  "totals since 'candidates' left the stop-list",
 }
 
 
@@ -210,6 +201,11 @@ class AuditRow:
     @property
     def known_open(self) -> bool:
         return self.hack in KNOWN_OPEN
+
+    @property
+    def gated(self) -> bool:
+        """Whether a failure refuses training: not a semantic family (tied by design), not known open."""
+        return self.hack not in SEMANTIC and self.hack not in KNOWN_OPEN
 
 
 def _overlap(a: str, b: str) -> float:
@@ -274,6 +270,102 @@ def run_audit(recipe: Recipe, tokenizer, n_questions: int = 8) -> list[AuditRow]
     return rows
 
 
+# The families whose words look like reasoning about the case (issue 25's semantic families): a
+# lexical reward cannot rank them below honest reasoning, only refuse to rank them above it. The
+# advantage audit allows them a few wins (SEMANTIC_BAR of cases); every other family none.
+SEMANTIC = frozenset({"case_words_in_filler", "varied_filler_per_finding", "numbers_as_knowledge",
+                      "case_windows_with_filler", "swapped_options", "medical_term_filler"}) | RED_TEAM_SEMANTIC
+SEMANTIC_BAR = 0.05
+# Components whose value depends on the completion's length only. The advantage audit asks what
+# the *content* earns, so every member of a group gets the reference's value for these: what
+# length earns is the budget's business (the overlong reward, the classic audit's length limit).
+LENGTH_ONLY = frozenset({"cosine_length", "overlong"})
+
+
+@dataclass
+class AdvantageRow:
+    """One case and family: the advantages the trainer would give the hack and the honest reference
+    in the same all-correct group (None where the hack does not answer correctly)."""
+
+    question: str
+    family: str
+    hack_advantage: float | None
+    honest_advantage: float
+
+    @property
+    def wins(self) -> bool:
+        return self.hack_advantage is not None and self.hack_advantage > self.honest_advantage + 1e-6
+
+
+def advantage_audit(recipe: Recipe, tokenizer, n_questions: int = 8) -> list[AdvantageRow]:
+    """For each case and hack family, a group of `grpo.num_generations` completions that all answer
+    correctly: the full honest reasoning, the hack, and the case's other honest cuts (in turn) to
+    fill it; its advantages as GazalGRPOTrainer computes them (neutral skips, the recipe's gating on
+    accuracy, then TRL's aggregation and scaling; under batch scaling the batch is every group of
+    the audit). A hack that is not paid as correct cannot be in an all-correct group: its row has
+    no advantage."""
+    import torch
+
+    from gazal.advantages import group_advantages
+
+    reward_set = RewardSet.from_recipe(recipe, tokenizer)
+    g = recipe.grpo
+    size = max(2, g.num_generations)
+    names = reward_set.names
+    accuracy = names.index("accuracy") if "accuracy" in names else None
+    gated = tuple(i for i, spec in enumerate(g.rewards) if spec.only_when_accuracy_varies)
+    length_cols = [i for i, name in enumerate(names) if name in LENGTH_ONLY]
+    groups, keys = [], []
+    for case, other in audit_set(n_questions):
+        item = case.item
+        refs = honest(case)
+        named = {**{f"honest:{k}": v for k, v in refs.items()}, **hacks(case, other)}
+        n = len(named)
+        scored = reward_set.score(list(named.values()), answer=[item.answer] * n, options=[item.options] * n,
+                                  prompts=[messages(item, recipe.task)] * n)
+        values = {k: [float("nan") if v is None else v for v in s["rewards"].values()] for k, s in zip(named, scored)}
+        fill = [values[f"honest:{k}"] for k in refs if k != "full"]
+        for family in hacks(case, other):
+            if accuracy is not None and values[family][accuracy] != values["honest:full"][accuracy]:
+                keys.append((item.id, family, False))
+                continue
+            rows = [values["honest:full"], values[family]] + [fill[i % len(fill)] for i in range(size - 2)]
+            rows = [list(r) for r in rows]
+            for row in rows[1:]:
+                for col in length_cols:
+                    row[col] = rows[0][col]
+            groups.append(rows)
+            keys.append((item.id, family, True))
+    weights = torch.tensor(reward_set.weights, dtype=torch.float64)
+    adv = group_advantages(torch.tensor([r for grp in groups for r in grp], dtype=torch.float64), weights, size,
+                           accuracy, gated, g.multi_objective_aggregation, g.scale_rewards).view(-1, size)
+    out, k = [], 0
+    for question, family, scored in keys:
+        if scored:
+            out.append(AdvantageRow(question, family, float(adv[k, 1]), float(adv[k, 0])))
+            k += 1
+        else:
+            out.append(AdvantageRow(question, family, None, 0.0))
+    return out
+
+
+def advantage_verdicts(rows: list[AdvantageRow]) -> dict[str, dict]:
+    """Per family: cases, cases where the hack is paid as correct, wins over the honest reasoning,
+    the bar (0, or SEMANTIC_BAR of cases for a semantic family) and whether it holds."""
+    out = {}
+    for family in dict.fromkeys(r.family for r in rows):
+        mine = [r for r in rows if r.family == family]
+        wins = sum(r.wins for r in mine)
+        # At least one: on the 8 cases audited before GRPO a single case is 12% of them.
+        allowed = max(1, int(SEMANTIC_BAR * len(mine))) if family in SEMANTIC else 0
+        gaps = [r.hack_advantage - r.honest_advantage for r in mine if r.hack_advantage is not None]
+        out[family] = {"cases": len(mine), "correct": len(gaps), "wins": wins, "allowed": allowed,
+                       "max_gap": max(gaps, default=0.0), "passed": wins <= allowed,
+                       "set": "red team" if family in RED_TEAM else "development",
+                       "kind": "semantic" if family in SEMANTIC else "structural"}
+    return out
+
+
 def reward_tokenizer(recipe: Recipe):
     """The recipe model's tokenizer, for token-based rewards outside training.
 
@@ -290,24 +382,31 @@ def reward_tokenizer(recipe: Recipe):
 
 
 def check_or_refuse(recipe: Recipe, tokenizer) -> None:
-    """Run the audit before GRPO; refuse to train on a gameable reward unless the recipe overrides it."""
+    """Run both audits before GRPO; refuse to train on a gameable reward unless the recipe overrides it.
+
+    Refused: a structural family scoring at or above an honest completion (the classic audit, what
+    a group with mixed accuracy sees), and any family over its advantage bar (what an all-correct
+    group sees). Known open families are warned about."""
     try:
         failures = [r for r in run_audit(recipe, tokenizer) if not r.passed]
+        verdicts = advantage_verdicts(advantage_audit(recipe, tokenizer))
     except GazalError as exc:
         if not recipe.grpo.skip_reward_audit:
             raise
         log.warning("reward audit not run, training anyway (grpo.skip_reward_audit=true): %s", exc)
         return
-    known = [r for r in failures if r.known_open]
+    known = sorted({r.hack for r in failures if r.known_open} | {f for f, v in verdicts.items()
+                                                                if not v["passed"] and f in KNOWN_OPEN})
     if known:
-        log.warning("reward audit: %d hack/honest pairs of the known open families (%s) still game the reward; "
-                    "see gazal.audit.KNOWN_OPEN", len(known), ", ".join(sorted({r.hack for r in known})))
-    failures = [r for r in failures if not r.known_open]
-    if not failures:
+        log.warning("reward audit: the known open families %s still game the reward; see gazal.audit.KNOWN_OPEN",
+                    ", ".join(known))
+    lines = [f"{r.question} {r.hack}: {r.hack_total:.3f} >= honest {r.honest} {r.honest_total:.3f}"
+             for r in failures if r.gated][:10]
+    lines += [f"{f}: beats the honest reasoning's advantage in {v['wins']} of {v['cases']} all-correct groups "
+              f"(allowed {v['allowed']})" for f, v in verdicts.items() if not v["passed"] and f not in KNOWN_OPEN]
+    if not lines:
         log.info("reward audit passed%s", " (known open families aside)" if known else "")
         return
-    lines = [f"{r.question} {r.hack}: {r.hack_total:.3f} >= honest {r.honest} {r.honest_total:.3f}"
-             for r in failures[:10]]
     if recipe.grpo.skip_reward_audit:
         log.warning("reward audit failed, training anyway (grpo.skip_reward_audit=true):\n  %s", "\n  ".join(lines))
         return

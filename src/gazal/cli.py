@@ -54,10 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=None, help="write each line with `rewards` and `total`")
     r.add_argument("--config", "-c", default="demo", metavar="RECIPE")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    r = rsub.add_parser("audit", help="gaming completions vs honest ones; exit 1 if any hack scores >= honest")
+    r = rsub.add_parser("audit", help="gaming completions vs honest ones; exit 1 if any hack scores >= honest",
+                        description="Score gaming completions against honest ones with the recipe's rewards; exit 1 "
+                        "if any hack scores >= honest. With --judge, grade them with the recipe's judge reward on a "
+                        "served grader instead and report per hack family how often the hack is graded below the "
+                        "honest completion, with the grading cost: a measurement, exit 0 unless an error (exit 2).")
     r.add_argument("--config", "-c", default="demo", metavar="RECIPE")
     r.add_argument("--questions", type=_positive, default=8, metavar="N",
                    help="seed cases to audit, spread over the file (default 8, as before GRPO; 163 is all)")
+    r.add_argument("--judge", action="store_true",
+                   help="audit the judge reward against a served grader (the recipe's judge params, or the options below)")
+    r.add_argument("--judge-url", default=None, metavar="URL", help="with --judge: the grader's OpenAI-compatible "
+                   "base URL, e.g. http://127.0.0.1:8001/v1 (overrides the recipe's)")
+    r.add_argument("--judge-model", default=None, metavar="NAME", help="with --judge: the model name to ask for")
+    r.add_argument("--rubric", default=None, metavar="FILE", help="with --judge: a rubric template "
+                   "($question, $reasoning, $answer; default: the recipe's, else the bundled one)")
+    r.add_argument("--judge-max-tokens", type=_positive, default=None, metavar="N",
+                   help="with --judge: the grader's max_tokens per reply")
+    r.add_argument("--json", type=Path, default=None, metavar="FILE", help="with --judge: also write every row as JSON")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)")
     p.add_argument("--model", required=True, metavar="PATH_OR_NAME",
@@ -253,23 +267,55 @@ def _rewards(args: argparse.Namespace) -> int:
     from gazal import audit, recipes
 
     recipe = recipes.load_recipe(args.config, args.overrides)
+    if args.rewards_command == "audit" and args.judge:
+        from gazal import judge_audit, rundir
+
+        params = judge_audit.judge_params(recipe, args.judge_url, args.judge_model, args.rubric, args.judge_max_tokens)
+        rows, cost = judge_audit.run_judge_audit(recipe, params, args.questions)
+        print("\n".join(judge_audit.format_report(rows, cost)))
+        if args.json:
+            rundir.write_json(args.json, judge_audit.report_json(rows, cost))
+            print(f"wrote {args.json}")
+        return 0  # a measurement, not a gate
+    if args.rewards_command == "audit" and (args.judge_url or args.judge_model or args.rubric or args.json
+                                            or args.judge_max_tokens):
+        raise GazalError("--judge-url, --judge-model, --rubric, --judge-max-tokens and --json apply only with --judge")
     tokenizer = audit.reward_tokenizer(recipe)
     if args.rewards_command == "audit":
         rows = audit.run_audit(recipe, tokenizer, args.questions)
         # One line per hack family: its closest call over every question and honest completion.
+        print("single completions (what a group with mixed accuracy compares): hack total vs each honest cut")
         print(f"{'hack':<36} {'pairs':>5} {'failed':>6} {'margin':>8}  closest (question, honest cut)")
         for hack in dict.fromkeys(r.hack for r in rows):
             mine = [r for r in rows if r.hack == hack]
             worst = min(mine, key=lambda r: r.honest_total - r.hack_total)
             bad = sum(not r.passed for r in mine)
-            verdict = "" if not bad else "  KNOWN OPEN (audit.KNOWN_OPEN)" if worst.known_open else "  GAMES THE REWARD"
+            verdict = ("" if not bad else "  KNOWN OPEN (audit.KNOWN_OPEN)" if worst.known_open
+                       else "  semantic: ties by design, see below" if not worst.gated else "  GAMES THE REWARD")
             print(f"{hack:<36} {len(mine):>5} {bad:>6} {worst.honest_total - worst.hack_total:>8.3f}  "
                   f"{worst.question} {worst.honest} ({worst.hack_total:.3f} vs {worst.honest_total:.3f}){verdict}")
-        failed = sum(not r.passed and not r.known_open for r in rows)
-        known = sum(not r.passed and r.known_open for r in rows)
-        print(f"{len(rows) - failed - known} of {len(rows)} hack/honest pairs passed, {failed} failed"
-              + (f", {known} of the known open families still game the reward" if known else ""))
-        return 1 if failed else 0
+        failed = sum(not r.passed and r.gated for r in rows)
+        open_ = sum(not r.passed and not r.gated for r in rows)
+        print(f"{len(rows) - failed - open_} of {len(rows)} hack/honest pairs passed, {failed} failed"
+              + (f", {open_} of known open or semantic families" if open_ else ""))
+        verdicts = audit.advantage_verdicts(audit.advantage_audit(recipe, tokenizer, args.questions))
+        g = recipe.grpo
+        print(f"\nall-correct groups of {g.num_generations} ({g.multi_objective_aggregation}, scale_rewards "
+              f"{g.scale_rewards}): cases where the hack's advantage beats the full honest reasoning's")
+        print(f"{'hack':<36} {'set':<11} {'kind':<10} {'cases':>5} {'correct':>7} {'wins':>5} {'allowed':>7} "
+              f"{'max gap':>8}")
+        bad_families = []
+        for family, v in verdicts.items():
+            verdict = "" if v["passed"] else "  KNOWN OPEN (audit.KNOWN_OPEN)" if family in audit.KNOWN_OPEN \
+                else "  OVER THE BAR"
+            if not v["passed"] and family not in audit.KNOWN_OPEN:
+                bad_families.append(family)
+            print(f"{family:<36} {v['set']:<11} {v['kind']:<10} {v['cases']:>5} {v['correct']:>7} {v['wins']:>5} "
+                  f"{v['allowed']:>7} {v['max_gap']:>+8.3f}{verdict}")
+        within = sum(v["passed"] for v in verdicts.values())
+        print(f"{within} of {len(verdicts)} families within the bar (structural 0 wins, semantic at most "
+              f"{audit.SEMANTIC_BAR:.0%} of cases), {len(verdicts) - within - len(bad_families)} known open")
+        return 1 if failed or bad_families else 0
     rows = audit.score_file(recipe, args.completions, tokenizer)
     names = list(rows[0]["rewards"]) if rows else []
     print(f"{'component':<20} {'mean':>8} {'min':>8} {'max':>8} {'skipped':>8}")

@@ -14,6 +14,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from gazal import audit, difficulty, pubmedqa, rundir, vllm_sync
 from gazal.adapters import MergedRollouts, drop_inert_dropout, lora_config, upcast_dora_magnitudes
+from gazal.advantages import gate_on_accuracy, neutral_skips
 from gazal.config import Recipe
 from gazal.errors import GazalError
 from gazal.generation import weight_first_decode
@@ -144,47 +145,6 @@ class GazalGRPOTrainer(GRPOTrainer):
             # TRL keeps the latest generation batch in `_logs` (sized to it) for its own completion tables.
             write_samples(self.samples_dir, step, list(self._logs["prompt"]), list(self._logs["completion"]),
                           {name: list(v) for name, v in self._logs["rewards"].items()}, list(self._logs["advantages"]))
-
-
-def neutral_skips(rewards: torch.Tensor, size: int) -> torch.Tensor:
-    """Give a completion that a component skipped (None, NaN here: a judge timeout, say) that
-    component's mean over the rest of its group.
-
-    TRL sums the weighted components with NaN as 0, so a skip would score like the component's
-    worst and, as timeouts hit long completions, bias the group against length. With the group
-    mean it adds nothing to that completion's advantage. Groups the component skipped whole (a
-    reward that does not apply to the question) stay NaN, as TRL expects.
-    """
-    grouped = rewards.view(-1, size, rewards.shape[1])
-    skipped = grouped.isnan()
-    partial = skipped.any(dim=1, keepdim=True) & ~skipped.all(dim=1, keepdim=True)
-    if not partial.any():
-        return rewards
-    mean = torch.nanmean(grouped, dim=1, keepdim=True).expand_as(grouped)
-    return torch.where(skipped & partial, mean, grouped).view_as(rewards)
-
-
-def gate_on_accuracy(rewards: torch.Tensor, accuracy: int, gated: tuple[int, ...],
-                     size: int) -> tuple[torch.Tensor, float]:
-    """Replace the `gated` reward columns by their group mean in groups whose accuracy is constant.
-
-    rewards: (completions, components), groups of `size` consecutive rows, NaN for skipped values.
-    A column that is constant within a group adds nothing to that group's advantages under either
-    aggregation (sum then normalise, or normalise then sum), and the logged means stay the same.
-    Returns the gated rewards and the fraction of groups whose accuracy is all 0 or all 1.
-    """
-    grouped = rewards.view(-1, size, rewards.shape[1])
-    acc = grouped[:, :, accuracy]
-    lo = torch.where(acc.isnan(), torch.inf, acc).amin(dim=1)
-    hi = torch.where(acc.isnan(), -torch.inf, acc).amax(dim=1)
-    constant = (lo >= hi) | acc.isnan().all(dim=1)  # one value (or none) among the scored rows
-    if gated and constant.any():
-        grouped = grouped.clone()
-        for col in gated:
-            values = grouped[:, :, col]
-            mean = torch.nanmean(values, dim=1, keepdim=True).expand_as(values)
-            grouped[:, :, col] = torch.where(constant[:, None] & ~values.isnan(), mean, values)
-    return grouped.view_as(rewards), constant.float().mean().item()
 
 
 def write_samples(folder: Path, step: int, prompts: list, completions: list, rewards: dict[str, list],

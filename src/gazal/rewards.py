@@ -109,8 +109,15 @@ def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
 
 
-def echoes_prompt(think: str, prompt: str, threshold: float = 0.6) -> bool:
-    """True when most of the reasoning's word trigrams are copied from the prompt."""
+ECHO_THRESHOLD = 0.3
+
+
+def echoes_prompt(think: str, prompt: str, threshold: float = ECHO_THRESHOLD) -> bool:
+    """True when `threshold` or more of the reasoning's word trigrams are copied from the prompt.
+
+    Honest reasoning quotes its findings but says them in its own words: on the 163 seed cases at
+    most 0.19 of an honest completion's trigrams (0.10 of a full reasoning's; median 0.02) are the
+    question's. 0.3 leaves that margin and refuses restated questions, not only verbatim copies."""
     grams = _ngrams(_words(think), 3)
     if not grams:
         return False
@@ -214,11 +221,18 @@ def cosine_length(min_value_wrong: float = -0.5, max_value_wrong: float = 0.0, m
     return cosine_length_reward
 
 
-def repetition(ngram_size: int = 3, max_penalty: float = -1.0) -> RewardFn:
-    """Penalty in [max_penalty, 0] for repeated word n-grams: max_penalty * (1 - unique / total).
-    Ill-formed completions, and reasoning that echoes the prompt, get max_penalty."""
-    if max_penalty > 0 or ngram_size < 1:
-        raise ValueError("max_penalty must be <= 0 and ngram_size >= 1")
+def repetition(ngram_size: int = 3, max_penalty: float = -1.0, tolerance: float = 0.1) -> RewardFn:
+    """Penalty in [max_penalty, 0] for repeated word n-grams, with a dead zone: the repeated share
+    r = 1 - unique / total costs max_penalty * max(0, r - tolerance) / (1 - tolerance).
+    Ill-formed completions, and reasoning that echoes the prompt, get max_penalty.
+
+    The dead zone makes the penalty a guard, not a prize for variety: honest reasoning repeats a
+    few phrases ("the patient's", an option's name); on the 163 seed cases its repeated share is
+    at most 0.087 (0.043 without the seed's answer sentence), so at 0.1 none of it is penalised and
+    a filler that never repeats gains nothing over it in an all-correct group, while padding
+    (0.27-0.53 on the reward audit's cases) still pays."""
+    if max_penalty > 0 or ngram_size < 1 or not 0 <= tolerance < 1:
+        raise ValueError("max_penalty must be <= 0, ngram_size >= 1 and tolerance in [0, 1)")
 
     def repetition_reward(completions: list, options: list | None = None, labels: list | None = None,
                           prompts: list | None = None, **_: Any) -> list[float]:
@@ -230,7 +244,8 @@ def repetition(ngram_size: int = 3, max_penalty: float = -1.0) -> RewardFn:
                 out.append(max_penalty)
                 continue
             grams = _ngrams(_words(text), ngram_size)
-            out.append(0.0 if not grams else max_penalty * (1.0 - len(set(grams)) / len(grams)))
+            repeated = 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+            out.append(max_penalty * max(0.0, repeated - tolerance) / (1.0 - tolerance))
         return out
 
     return repetition_reward
@@ -243,7 +258,7 @@ _CLINICAL_CUES = (
 )
 
 
-def clinical_structure(target_steps: int = 3, target_cues: int = 4, echo_threshold: float = 0.6) -> RewardFn:
+def clinical_structure(target_steps: int = 3, target_cues: int = 4, echo_threshold: float = ECHO_THRESHOLD) -> RewardFn:
     """Score in [0, 1] for structured clinical reasoning: half for numbered steps (up to target_steps),
     half for distinct clinical-reasoning cues (up to target_cues). Zero for ill-formed completions and
     for reasoning that mostly echoes the prompt."""
@@ -291,11 +306,13 @@ there these they this those three through time today treatment true twice under 
 visit weeks what when where whether which while will with within without would year years young
 woman women female child girl boy days week month hour context think problem inside
 final line letter followed give
-feature features discriminating mechanism alternative alternatives candidate candidates process
-leading considered consider conclusion differential picture aspect aspects approach possibility
-possibilities factor factors overall systematic careful consideration essential relevant evidence
-judgement judgment decision attention data
-""".split())  # the last lines: words about reasoning itself, which carry nothing about a case
+features discriminating mechanism alternative alternatives consider conclusion differential
+factors overall relevant evidence decision data
+""".split())  # the last lines: the vocabulary of reasoning itself, chosen on honest data: words in at
+# least 3 of the 240 seed reasonings and at least 4 times as often there as in the 240 seed
+# questions (step headings such as "Differential", "Discriminating features", "Risk factors",
+# "Conclusion"). Words that were here only because the reward audit's hack generators used them
+# ("careful", "systematic", "candidates", "possibilities", ...) are not (issue 25).
 # Words that make a clause a statement about something (relations, verbs of clinical reasoning,
 # negation): reasoning interprets, a keyword list only names.
 _RELATION = re.compile(
@@ -396,8 +413,18 @@ def _units(think: str) -> list[str]:
 
 
 def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target_weighed: int = 2,
-                   grounded_share: float = 0.6, on_topic: float = 0.15, echo_threshold: float = 0.6) -> RewardFn:
+                   grounded_share: float = 0.6, on_topic: float = 0.15, echo_threshold: float = ECHO_THRESHOLD,
+                   saturate_at: float = 0.6) -> RewardFn:
     """Reasoning about this case, in [0, 1]; the floor (0) for ill-formed completions and echoes.
+
+    A guard, not a graded prize: the measure s below is paid as min(1, s / `saturate_at`). Words
+    cannot tell good reasoning from fluent filler about the case's terms, and a graded lexical
+    score lets such filler outscore honest reasoning by a hair, which group-relative advantages
+    then turn into the group's top advantage (issue 25). Saturated, everything that engages the
+    case enough earns the same, so in a group that is all correct honest reasoning can be tied but
+    not beaten by words; below the bar the score still ranks. 0.6: 97.5% of the 163 seed cases'
+    full reasonings reach it (the rest score 0.36-0.59). Reasoning quality beyond this bar is the
+    judge's to grade (`judge`, audited by `gazal rewards audit --judge`).
 
     Pays, on the reasoning block:
     - findings (0.30): distinct terms of this case's own text (findings, values, named things)
@@ -424,8 +451,8 @@ def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target
     back (`echo_threshold` of its trigrams). Paid regardless of correctness: accuracy pays that.
     """
     if min(target_findings, target_interpreted, target_weighed) < 1 or not 0 < grounded_share <= 1 \
-            or not 0 < on_topic <= 1:
-        raise ValueError("targets must be >= 1, grounded_share and on_topic in (0, 1]")
+            or not 0 < on_topic <= 1 or not 0 < saturate_at <= 1:
+        raise ValueError("targets must be >= 1, grounded_share, on_topic and saturate_at in (0, 1]")
 
     def one(text: str, prompt: str, lab: list[str], opts: dict | None) -> float:
         parsed = parse(text, lab, opts)
@@ -485,7 +512,8 @@ def case_reasoning(target_findings: int = 6, target_interpreted: int = 3, target
             score = 0.35 * findings + 0.50 * interpretation + 0.15 * (1.0 if last else 0.0)
         own_terms = said - _COMMON
         topical = len(own_terms & (case.specific | case.every_option)) / len(own_terms) if own_terms else 0.0
-        return score * min(1.0, grounded / len(units) / grounded_share) * min(1.0, topical / on_topic)
+        score *= min(1.0, grounded / len(units) / grounded_share) * min(1.0, topical / on_topic)
+        return min(1.0, score / saturate_at)
 
     def case_reasoning_reward(completions: list, prompts: list | None = None, options: list | None = None,
                               labels: list | None = None, **_: Any) -> list[float]:
