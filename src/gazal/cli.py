@@ -403,6 +403,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.accelerate_config is not None:
             recipes.check_accelerate_config(args.accelerate_config)
             print(f"{args.accelerate_config}: accelerate config accepted")
+        from gazal import datacheck
+
+        for checked in datacheck.check_data(recipe):
+            print(checked.line())
         print(f"{args.config}: valid recipe '{recipe.name}'")
         return 0
 

@@ -88,19 +88,33 @@ def _chars_per_token(samples: list[str], tokenizer) -> float:
     return sum(len(t) for t in samples) / max(tokens, 1)
 
 
-def _local_rows(source: SFTSource, recipe: Recipe) -> tuple[list[dict[str, Any]], int] | None:
-    """The source's rows if they are on this machine (seed set, local file, PubMedQA pool), with the
-    examples its own validation folds hold out (the pool's); None when it is not here."""
+def _local_rows(source: SFTSource, recipe: Recipe) -> tuple[list[tuple[int, int]], list[str], int] | None:
+    """If the source is on this machine (seed set, local file, PubMedQA pool): each row's
+    (characters, messages), the first TOKENIZER_SAMPLE rows' texts, and the examples its own
+    validation folds hold out (the pool's); None when it is not here. A file is read in one
+    streaming pass, so a large one costs a pair of numbers a row, not its rows."""
     from gazal import data, pubmedqa
 
+    prompt = recipe.task.system_prompt
+    held = 0
     if pubmedqa.is_pool(source.path):
         items = pubmedqa.load_pool(source.path, recipe)
-        rows = [pubmedqa.sft_row(it, recipe) for it in pubmedqa.stage_items(source.path, recipe, "sft", items)]
+        rows = iter([pubmedqa.sft_row(it, recipe) for it in pubmedqa.stage_items(source.path, recipe, "sft", items)])
         held = len(pubmedqa.stage_items(source.path, recipe, "validation", items))
-        return (rows[:source.limit] if source.limit else rows), held
-    if source.path in data.SEEDS or Path(source.path).expanduser().is_file():
-        return data._source_rows(source), 0  # checked rows, after the source's limit; local only (checked above)
-    return None
+    elif source.path in data.SEEDS or Path(source.path).expanduser().is_file():
+        columns = {**data.HUB_SFT_PRESETS.get(source.path, {}), **source.columns}
+        rows = (data.sft_example(row, where, columns) for where, row in data.read_rows(data._resolve(source.path)))
+    else:
+        return None
+    sizes, sample = [], []
+    for row in rows:
+        text = _text(row, prompt)
+        sizes.append((len(text), _messages(row, prompt)))
+        if len(sample) < TOKENIZER_SAMPLE:
+            sample.append(text)
+        if source.limit and len(sizes) == source.limit:
+            break
+    return sizes, sample, held
 
 
 def _weighted(n: int, weight: float) -> int:
@@ -136,7 +150,8 @@ def estimate(recipe: Recipe, processes: int, tokenizer=None) -> tuple[SftSteps |
     here. Never raises: a source that cannot be read leaves the estimate out."""
     s, d = recipe.sft, recipe.data
     examples, tokens, validation, sources = 0.0, 0.0, 0, []
-    local: list[tuple[SFTSource, list[dict[str, Any]]]] = []
+    local: list[tuple[SFTSource, list[tuple[int, int]]]] = []
+    samples: list[str] = []
     for i, source in enumerate(d.sft):
         key = f"data.sft.{i}"
         try:
@@ -145,7 +160,8 @@ def estimate(recipe: Recipe, processes: int, tokenizer=None) -> tuple[SftSteps |
             return None, f"{key} ({source.path}) could not be read here: {exc}"
         if found is not None:
             local.append((source, found[0]))
-            validation += found[1]
+            samples += found[1]
+            validation += found[2]
             continue
         size = _hub_size(key, source, recipe)
         if isinstance(size, str):
@@ -154,13 +170,11 @@ def estimate(recipe: Recipe, processes: int, tokenizer=None) -> tuple[SftSteps |
         examples, validation, tokens = examples + train, validation + n_val, tokens + n_tokens
         sources.append(how)
     if local:
-        texts = [_text(r, recipe.task.system_prompt) for _, rows in local for r in rows[:TOKENIZER_SAMPLE]]
-        ratio = _chars_per_token(texts, tokenizer)
+        ratio = _chars_per_token(samples, tokenizer)
         how = "the tokenizer's" if tokenizer is not None else "assumed"
         for source, rows in local:
             # Tokens of each example; those over max_length are dropped before training (gazal.sft).
-            lengths = [len(_text(r, recipe.task.system_prompt)) / ratio + _messages(r, recipe.task.system_prompt)
-                       * MESSAGE_TOKENS + 1 for r in rows]  # + 1: the EOS token TRL appends
+            lengths = [chars / ratio + messages * MESSAGE_TOKENS + 1 for chars, messages in rows]  # + 1: TRL's EOS
             kept = [n for n in lengths if n <= s.max_length]
             n_val = _held_out(len(rows), d.sft_validation_fraction)
             # Held-out rows are a random share: the kept rows' mean stands for the training rows.
