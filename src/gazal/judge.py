@@ -18,7 +18,8 @@ sha256(model, decoding settings, rubric text, rendered request) in memory and, w
 appended to a JSONL file that is read back at start, so a resumed run does not pay twice. A reply
 that ended by itself but breaks the format is a verdict too (cached as None: the grader would say
 the same again); a reply cut at max_tokens, a body that is not a chat completion, timeouts and
-HTTP and connection errors are asked again next time.
+HTTP and connection errors are asked again next time. `Judge.usage` sums the prompt and completion
+tokens the server reports in its replies (what grading cost; nothing for a server that reports none).
 
 The API key is read from the environment variable named by `api_key_env` when the client is first
 needed, and is never stored by the Judge or written anywhere; a missing variable means no key (fine
@@ -122,6 +123,7 @@ class Judge:
         self.cache_path = Path(cache_path).expanduser() if cache_path else None
         self.counts: Counter = Counter()  # requests, graded, cache_hits, duplicates and FAILURES, all calls
         self.last_batch: Counter = Counter()  # the same for the latest grade() call
+        self.usage: Counter = Counter()  # prompt_tokens and completion_tokens the server reported, all calls
         self._cache: dict[str, float | None] = {}  # None: the grader's reply was malformed
         self._lock = threading.Lock()
         self._client = None
@@ -186,8 +188,8 @@ class Judge:
                                   max_retries=self.max_retries)
         return self._client
 
-    def _ask(self, prompt: str) -> tuple[float | None, str]:
-        """One grade, or None with the kind of failure; never raises."""
+    def _ask(self, prompt: str) -> tuple[float | None, str, dict[str, int]]:
+        """One grade, or None with the kind of failure, and the tokens the server reported; never raises."""
         import openai
 
         try:
@@ -196,20 +198,22 @@ class Judge:
                 temperature=self.temperature, max_tokens=self.max_tokens)
             choice = resp.choices[0] if resp.choices else None
             text = choice.message.content if choice else None
+            tokens = ({"prompt_tokens": int(resp.usage.prompt_tokens or 0),
+                       "completion_tokens": int(resp.usage.completion_tokens or 0)} if resp.usage else {})
         except openai.APITimeoutError:
-            return None, "timeout"
+            return None, "timeout", {}
         except openai.APIStatusError:
-            return None, "http_error"
+            return None, "http_error", {}
         except openai.APIConnectionError:
-            return None, "connection_error"
+            return None, "connection_error", {}
         except Exception:  # a 200 whose body is not a chat completion (not cached: it may be ours)
-            return None, "malformed_body"
+            return None, "malformed_body", {}
         score = parse_reply(text)
         if score is not None:
-            return score, "graded"
+            return score, "graded", tokens
         # A reply that ended by itself and breaks the format is the grader's verdict (cached); one
         # cut at max_tokens is not (a thinking grader may simply need more room).
-        return None, "malformed" if choice.finish_reason == "stop" else "malformed_cut"
+        return None, "malformed" if choice.finish_reason == "stop" else "malformed_cut", tokens
 
     def grade(self, requests: Sequence[JudgeRequest]) -> list[float | None]:
         """A score in [0, 1] per request, None where grading failed; identical requests are asked once."""
@@ -228,7 +232,8 @@ class Judge:
         if todo:
             batch["requests"] += len(todo)
             with ThreadPoolExecutor(max_workers=min(self.concurrency, len(todo)), thread_name_prefix="judge") as pool:
-                for k, (score, kind) in zip(todo, pool.map(self._ask, todo.values())):
+                for k, (score, kind, tokens) in zip(todo, pool.map(self._ask, todo.values())):
+                    self.usage.update(tokens)
                     if kind.startswith("malformed_"):
                         kind, cache = "malformed", False
                     else:

@@ -546,8 +546,8 @@ def judge(base_url: str, model: str, rubric: str | None = None, timeout_s: float
           max_retries: int = 2, cache_path: str | None = None, api_key_env: str = DEFAULT_API_KEY_ENV,
           max_tokens: int = 512, temperature: float = 0.0) -> RewardFn:
     """Reasoning quality in [0, 1] from an LLM judge (gazal.judge) behind an OpenAI-compatible endpoint:
-    the rubric (default templates/judge/reasoning.md) pays reasoning that uses this case's findings,
-    weighs the options against them and reaches a conclusion that follows; generic reasoning scores low.
+    the rubric (default templates/judge/reasoning.md) asks whether the reasoning discriminates between
+    the options, asserts what is medically true, supports the final answer and is about this case.
     Ill-formed completions, and reasoning that echoes the prompt, get the floor 0.0 without a request,
     so dropping the format can never buy a better grade. A timeout, HTTP or connection error or a
     malformed reply is None, never 0 (in GRPO it then takes its group's mean: grpo.neutral_skips). The key comes only from $api_key_env. Logs
