@@ -369,15 +369,18 @@ def advantage_verdicts(rows: list[AdvantageRow]) -> dict[str, dict]:
 def reward_tokenizer(recipe: Recipe):
     """The recipe model's tokenizer, for token-based rewards outside training.
 
-    Offline, a hub model's tokenizer may be unreachable; the tiny model's byte-level tokenizer
-    then stands in, so lengths are approximate (and the log says so).
+    Offline, a hub model's tokenizer may be unreachable (gazal.hub says so at once, without
+    retrying); the tiny model's byte-level tokenizer then stands in, so lengths are approximate
+    (and the log says so).
     """
+    from gazal.hub import HubUnavailable
+
     try:
         return load_tokenizer(resolve_model(recipe.model.name_or_path, recipe.model.revision), recipe.model.revision,
                               recipe.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (HubUnavailable, OSError, ValueError) as exc:
         log.warning("tokenizer of %s unavailable (%s); token lengths use the tiny model's tokenizer",
-                    recipe.model.name_or_path, type(exc).__name__)
+                    recipe.model.name_or_path, exc if isinstance(exc, HubUnavailable) else type(exc).__name__)
         return load_tokenizer(resolve_model(TINY_QWEN3))
 
 

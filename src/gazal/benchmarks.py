@@ -40,6 +40,11 @@ HUB = {
 }
 
 
+# How to do without the hub, for the offline error (gazal.hub).
+BENCHMARK_ALTERNATIVE = ("set eval.benchmarks_dir=/path/to/benchmarks or $GAZAL_BENCHMARKS_DIR to a folder "
+                         "holding {file}")
+
+
 class BenchmarkUnavailable(Exception):
     """Neither a local copy nor the hub could provide the benchmark."""
 
@@ -73,12 +78,14 @@ def _item(name: str, row: dict, where: str) -> Item:
 
 
 def _hub_rows(name: str) -> list[dict]:
+    from gazal import hub
+
     repo, config, split, revision = HUB[name]
     try:
-        from datasets import load_dataset
-
-        ds = load_dataset(repo, config, split=split, revision=revision)
-    except Exception as exc:  # offline, missing repo, auth: all mean unavailable
+        ds = hub.load_dataset(repo, config, split, revision, None, BENCHMARK_ALTERNATIVE.format(file=LOCAL_FILES[name]))
+    except hub.HubUnavailable as exc:
+        raise BenchmarkUnavailable(f"{name}: no local copy, and {exc}") from None
+    except Exception as exc:  # missing repo, auth: all mean unavailable
         raise BenchmarkUnavailable(f"{name}: no local copy and the hub is unreachable ({type(exc).__name__})") from None
     rows = []
     for i, r in enumerate(ds):

@@ -417,6 +417,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         # Each process would stamp its own new directory; they must agree on one.
         raise GazalError("under accelerate launch / torchrun, pass --run-dir so every process uses the same run directory")
     run_dir = args.run_dir or rundir.new_run_dir(recipe)
+    rundir.lock(run_dir)  # one writer per run directory: refused (exit 2) before anything is written
     rundir.prepare(run_dir, recipe)
     print(f"run directory: {run_dir}", flush=True)
     if args.command == "run":

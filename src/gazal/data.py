@@ -312,13 +312,22 @@ def hub_mcq_row(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "question": question, "options": options, "answer": answer}
 
 
+# How to do without the hub, for the offline error (gazal.hub).
+DATASET_ALTERNATIVE = ("point the recipe's data source at a local copy (data.sft.N.path=/path/to/file.jsonl or "
+                       ".parquet, data.grpo=/path/to/file.jsonl; pubmedqa:train reads pubmedqa_train.jsonl from "
+                       "eval.benchmarks_dir or $GAZAL_BENCHMARKS_DIR), or a folder laid out like the hub repository")
+
+
 def _hub_dataset(name: str, config: str | None = None, split: str = "train", revision: str | None = None,
                  data_dir: str | None = None):
-    """A hub dataset split (or a local folder laid out like one); fails plainly when it cannot be loaded."""
-    from datasets import load_dataset
+    """A hub dataset split (or a local folder laid out like one); fails plainly when it cannot be loaded,
+    and at once when the hub is unreachable and the split is not cached (gazal.hub)."""
+    from gazal import hub
 
     try:
-        return load_dataset(name, config, split=split, revision=revision, data_dir=data_dir)
+        return hub.load_dataset(name, config, split, revision, data_dir, DATASET_ALTERNATIVE)
+    except hub.HubUnavailable:
+        raise
     except Exception as exc:  # network, auth, missing repo: all mean "cannot load this source"
         raise GazalError(f"{name}: not a local file and could not be loaded from the hub ({type(exc).__name__}: {exc})") from None
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from gazal.errors import GazalError
+from gazal.hub import pretrained_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,13 @@ def _build_tiny_qwen3(out: Path) -> None:
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """Tokenizer with a pad token and left padding (batched generation needs it)."""
+    """Tokenizer with a pad token and left padding (batched generation needs it).
+
+    Offline, a hub id loads from the local cache or fails at once (gazal.hub)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                        **pretrained_kwargs(path, revision, "tokenizer_config.json"))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -170,9 +174,15 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
 
 def load_model(path: str, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False,
                **kwargs: Any):
-    """A causal LM from a local folder or hub id; `kwargs` go to `from_pretrained` (see `model_kwargs`)."""
+    """A causal LM from a local folder or hub id; `kwargs` go to `from_pretrained` (see `model_kwargs`).
+
+    Offline, a hub id loads from the local cache or fails at once (gazal.hub)."""
     from transformers import AutoModelForCausalLM
 
+    offline = pretrained_kwargs(path, revision, "config.json")
+    if offline:  # transformers' look for a PEFT adapter in the repository reads only adapter_kwargs
+        offline["adapter_kwargs"] = dict(offline)
+    kwargs = {**offline, **kwargs}
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), revision=revision, trust_remote_code=trust_remote_code, **kwargs
     )

@@ -1,6 +1,7 @@
 """The run directory: what each stage wrote, so any later stage can run on its own.
 
 Layout:
+    .gazal.lock                         held by the one process writing the run (see `lock`)
     recipe.yaml, versions.json          the resolved recipe and library versions
     sft/    adapter/ merged/ metrics.jsonl summary.json recipe.yaml DONE
     grpo/   adapter/ merged/ metrics.jsonl summary.json recipe.yaml DONE
@@ -12,11 +13,14 @@ A stage's DONE file is written last; a stage without it is unfinished and runs a
 
 from __future__ import annotations
 
+import fcntl  # the writer lock is Linux (and other POSIX) only
 import json
 import logging
 import os
 import platform
 import shutil
+import socket
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -78,6 +82,58 @@ def versions() -> dict[str, str | None]:
 def dump_recipe(recipe: Recipe, path: Path) -> None:
     """Write the fully resolved recipe (defaults filled in) as YAML."""
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+LOCK_FILE = ".gazal.lock"
+# Open lock files, by resolved run directory: a lock lasts as long as its descriptor is open.
+_locks: dict[Path, int] = {}
+
+
+def lock(run_dir: Path) -> None:
+    """Make this process the run directory's one writer, until it exits (or `unlock`), creating the
+    directory if needed; a GazalError naming the holder (pid, host, command, since when) if another
+    process writes it.
+
+    An flock on RUN/.gazal.lock: the kernel drops it when its process dies, however it dies, so a
+    lock file left by a killed run never blocks (no stale locks). Under accelerate launch /
+    torchrun only the main process takes it; the others write nothing of their own. Taking it again
+    in the same process is a no-op. Linux only (fcntl), as Gazal's training is."""
+    if not is_main_process():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = run_dir.resolve()
+    if key in _locks:
+        return
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 65536, 0).decode("utf-8", "replace")
+        os.close(fd)
+        raise GazalError(f"{run_dir}: another process is writing this run directory ({_describe_holder(holder)}); "
+                         "wait for it to finish or stop it, or pass another --run-dir") from None
+    # Rewritten in place, never replaced by a rename: the lock belongs to this file's inode.
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+    _locks[key] = fd
+
+
+def unlock(run_dir: Path) -> None:
+    """Give up this process's writer lock on `run_dir` (a process's exit does the same)."""
+    fd = _locks.pop(run_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on {info['host']}, `{info['command']}`, since {info['since']}"
+    except (ValueError, KeyError, TypeError):  # the holder took the lock an instant ago and has not written yet
+        return "a process that is just starting"
 
 
 def prepare(run_dir: Path, recipe: Recipe) -> None:
