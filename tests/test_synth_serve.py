@@ -1,4 +1,5 @@
-"""`gazal serve` and `gazal data synth`: the OpenAI contract, faults, kill and resume, and secrets."""
+"""`gazal data synth` against `gazal serve` and a faulty teacher: faults, kill and resume, and secrets
+(`gazal serve` itself: tests/test_serve.py)."""
 
 import json
 import os
@@ -16,7 +17,6 @@ import pytest
 from gazal import recipes, synth
 from gazal.cli import main
 from gazal.models import TINY_QWEN3
-from gazal.serve import ChatModel, make_server
 
 GOOD = ("CASE:\nA 30-year-old woman has fever and dysuria.\nA. Cystitis\nB. Pyelonephritis\n\n"
         "REASONING:\n1. Key findings: fever with dysuria.\n2. Conclusion: upper tract infection.\n\n"
@@ -25,43 +25,6 @@ GOOD = ("CASE:\nA 30-year-old woman has fever and dysuria.\nA. Cystitis\nB. Pyel
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-@pytest.fixture(scope="module")
-def tiny_server():
-    server = make_server(ChatModel(TINY_QWEN3), "tiny", port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
-
-
-def test_serve_speaks_the_openai_contract(tiny_server):
-    from openai import NotFoundError, OpenAI, BadRequestError
-
-    client = OpenAI(base_url=tiny_server, api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list().data] == ["tiny"]
-    resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Fever?"}],
-                                          max_tokens=5, temperature=0, n=2)
-    assert len(resp.choices) == 2 and resp.choices[0].message.role == "assistant"
-    assert resp.choices[0].finish_reason in ("stop", "length") and 0 < resp.usage.completion_tokens <= 10
-    with pytest.raises(NotFoundError):
-        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}], max_tokens=2)
-    with pytest.raises(BadRequestError):
-        client.chat.completions.create(model="tiny", messages=[], max_tokens=2)
-
-
-def test_serve_with_a_missing_model_exits_2(tmp_path, capsys):
-    assert main(["serve", "--model", str(tmp_path / "nope"), "--port", "0"]) == 2
-    assert "--model" in capsys.readouterr().err
-
-
-def test_serve_binds_loopback_by_default():
-    from gazal.cli import _parser
-
-    args = _parser().parse_args(["serve", "--model", "x"])
-    assert args.host == "127.0.0.1"
 
 
 def _synth_recipe(base_url: str, out: Path, **over):
@@ -93,8 +56,12 @@ def test_synth_against_gazal_serve_survives_a_kill(tmp_path):
     serve = subprocess.Popen([sys.executable, "-m", "gazal", "serve", "--model", TINY_QWEN3, "--name", "tiny",
                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
-        line = serve.stdout.readline()
-        base_url = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line).group(1)
+        found = None
+        while not found:  # a first start builds the tiny model, whose tokenizer training prints first
+            line = serve.stdout.readline()
+            assert line, "gazal serve exited before serving"
+            found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
+        base_url = found.group(1)
         out = tmp_path / "synth"
         args = ["data", "synth", "--config", "demo", *_synth_recipe(base_url, out, **{"synth.num_items": 12})]
         # The tiny random model never writes a well-formed case, so every item ends as a recorded

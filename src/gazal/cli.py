@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="gazal", help="the model name clients ask for (default: gazal)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the chosen one is printed)")
+    p.add_argument("--max-tokens", type=_positive, default=2048, metavar="N",
+                   help="refuse (400) max_tokens above N, or above the context left by the prompt (default: 2048)")
+    p.add_argument("--max-n", type=_positive, default=8, metavar="N", help="refuse (400) n above N (default: 8)")
+    p.add_argument("--max-queue", type=int, default=8, metavar="N",
+                   help="requests that may wait while one generates; more get 429 with Retry-After (default: 8)")
     p = sub.add_parser("data", help="synthesize or curate training data")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     d = dsub.add_parser("synth", help="generate SFT examples through an OpenAI-compatible endpoint (resumable)")
@@ -153,10 +158,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gazal.serve import ChatModel, make_server
+    from gazal.serve import ChatModel, Limits, make_server
 
+    limits = Limits(args.max_tokens, args.max_n, args.max_queue)  # checked before the model loads
     model = ChatModel(args.model, args.adapter)
-    server = make_server(model, args.name, args.host, args.port)
+    server = make_server(model, args.name, args.host, args.port, limits)
     host, port = server.server_address[:2]
     print(f"serving '{args.name}' on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     try:
