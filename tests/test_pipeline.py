@@ -41,15 +41,33 @@ def run_dir(tmp_path_factory, benchmarks_dir):
 
 
 def test_run_dir_files(run_dir: Path):
-    for rel in ["recipe.yaml", "versions.json", "report.md", "eval/results.json",
+    for rel in ["recipe.yaml", "manifest.json", "report.md", "eval/results.json",
                 "eval/medqa/samples.jsonl", "eval/mmlu_pro/samples.jsonl", "eval/pubmedqa/samples.jsonl"]:
         assert (run_dir / rel).is_file(), rel
     for stage in ("sft", "grpo"):
         for rel in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "merged/config.json",
                     "merged/model.safetensors", "metrics.jsonl", "summary.json", "recipe.yaml", "DONE"]:
             assert (run_dir / stage / rel).is_file(), f"{stage}/{rel}"
-    versions = json.loads((run_dir / "versions.json").read_text())
-    assert versions["trl"] and versions["peft"] and versions["transformers"]
+    assert not (run_dir / "versions.json").exists()  # the manifest holds the versions now
+
+
+def test_manifest_follows_the_model_from_stage_to_stage(run_dir: Path):
+    from gazal.manifest import weights_digest
+
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["packages"]["trl"] and m["packages"]["peft"] and m["packages"]["transformers"]
+    stages = m["stages"]
+    assert list(stages) == ["sft", "grpo", "eval"] and all(s["finished"] for s in stages.values())
+    # Each stage starts from the model the one before it wrote, and says so by content.
+    assert stages["sft"]["base_model"]["name"] == "gazal:tiny-qwen3"
+    assert stages["grpo"]["base_model"]["sha256"] == weights_digest(run_dir / "sft" / "merged")["sha256"]
+    assert stages["eval"]["base_model"]["sha256"] == weights_digest(run_dir / "grpo" / "merged")["sha256"]
+    assert set(stages["eval"]["models"]) == {"base", "sft", "grpo"}
+    assert [d["source"] for d in stages["sft"]["data"]] == ["seed:sft"]
+    assert [d["source"] for d in stages["grpo"]["data"]] == ["seed:grpo"]
+    res = json.loads((run_dir / "eval" / "results.json").read_text())
+    for name, bench in stages["eval"]["benchmarks"].items():
+        assert bench["ids"] == res["benchmarks"][name]["selection"]["ids"] and len(bench["sha256"]) == 64
 
 
 def test_adapters_changed_and_base_did_not(run_dir: Path):

@@ -33,7 +33,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from gazal import card, evalcache, rundir, trackers
+from gazal import card, evalcache, manifest, rundir, trackers
 from gazal.benchmarks import PAPER, BenchmarkUnavailable, benchmarks_dir, describe, load_benchmark, select
 from gazal.config import Recipe
 from gazal.recipes import load_recipe
@@ -444,6 +444,8 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
     keep = _same_settings(run_dir, recipe)
     out = rundir.start_stage(run_dir, "eval", recipe, keep=("stages", *cfg.benchmarks, "model.txt") if keep else ())
     items = benchmark_items(recipe)
+    manifest.record_stage(run_dir, "eval", recipe, stages[-1][1], models=dict(stages) if len(stages) > 1 else None,
+                          benchmarks=items)
     for name, chosen in items.items():
         if isinstance(chosen, str):
             log.warning("skipping %s: %s", name, chosen)
@@ -482,6 +484,7 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
     results.update(rundir.peak_memory())
     rundir.write_json(out / "results.json", results)
     trackers.log_eval(recipe, run_dir, results)  # before DONE: if a tracker fails, a rerun logs again
+    manifest.finish_stage(run_dir, "eval", processes=results["processes"])
     rundir.finish_stage(run_dir, "eval")
     return results
 

@@ -12,7 +12,7 @@ from datasets import Dataset
 from peft import PeftModel
 from trl import GRPOConfig, GRPOTrainer
 
-from gazal import audit, difficulty, pubmedqa, rundir, vllm_sync
+from gazal import audit, difficulty, manifest, pubmedqa, rundir, vllm_sync
 from gazal.adapters import MergedRollouts, drop_inert_dropout, lora_config, upcast_dora_magnitudes
 from gazal.advantages import gate_on_accuracy, neutral_skips
 from gazal.config import Recipe
@@ -255,6 +255,11 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     cfg = recipe.grpo
     items = pubmedqa.grpo_questions(recipe)
     start = rundir.model_for(run_dir, "grpo", recipe)
+    if cfg.adapter == "continue":  # the policy: the base model with SFT's adapter, trained further
+        manifest.record_stage(run_dir, "grpo", recipe, resolve_model(recipe.model.name_or_path, recipe.model.revision),
+                              adapter=run_dir / "sft" / "adapter")
+    else:
+        manifest.record_stage(run_dir, "grpo", recipe, start)
     tokenizer = load_tokenizer(start, recipe.model.revision, recipe.model.trust_remote_code)
     audit.check_or_refuse(recipe, tokenizer)  # before loading weights: a gameable reward stops here
     reward_funcs = [resolve_reward(s.name, s.params, tokenizer, cfg.max_completion_length) for s in cfg.rewards]
@@ -307,7 +312,7 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         summary["difficulty_filter"] = filtered
     if monitor is not None:
         summary["monitor_rollbacks"] = monitor.rollbacks  # filled in while training
-    return train_and_save(trainer, tokenizer, run_dir, "grpo", summary, recipe, base, checkpoint,
+    summary = train_and_save(trainer, tokenizer, run_dir, "grpo", summary, recipe, base, checkpoint,
                           stopped=(lambda: monitor.stopped) if monitor else None,
                           extra=lambda: {"merged_rollout_generations": trainer.rollouts.calls,
                                          "importance_correction": trainer.importance_correction(),
@@ -315,3 +320,5 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                                          "sampler_logprob_batches": trainer.sampler_logprob_batches,
                                          "sampler_logprob_batches_skipped": trainer.sampler_logprob_skipped,
                                          "groups_gated_on_accuracy": trainer.gated_groups})
+    manifest.finish_stage(run_dir, "grpo", processes=summary["processes"], sharding=summary["sharding"])
+    return summary

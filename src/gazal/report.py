@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from gazal import card, report_html, rundir
+from gazal import card, manifest, report_html, rundir
 from gazal.benchmarks import TITLES
 from gazal.errors import GazalError
 from gazal.monitor import read_metrics
@@ -172,17 +172,30 @@ def _eval_section(run_dir: Path) -> list[str]:
     return lines
 
 
+def _source_line(made_from: dict) -> list[str]:
+    """Gazal's commit, and where the run's inputs are listed with their hashes."""
+    if not made_from:
+        return []
+    source = made_from["gazal"]
+    commit = source["commit"]
+    code = (f"commit {commit[:12]}{' (uncommitted changes)' if source['dirty'] else ''}" if commit
+            else "not a git checkout")
+    return [f"- code: gazal {source['version']}, {code}; data, weights and benchmarks with their sha256: "
+            f"`{manifest.FILE}`"]
+
+
 def main(run_dir: Path) -> Path:
     """Write run_dir/report.md and run_dir/report.html from what the stages left in the run directory."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise GazalError(f"{run_dir}: not a Gazal run directory (no recipe.yaml)")
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    versions = rundir.read_json(run_dir / "versions.json") if (run_dir / "versions.json").is_file() else {}
+    versions = manifest.run_packages(run_dir)
     lines = [f"# Gazal run: {recipe['name']}", "",
              f"- run directory: `{run_dir}`",
              f"- base model: `{recipe['model']['name_or_path']}`",
-             "- libraries: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "platform"), ""]
+             "- libraries: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "platform"),
+             *_source_line(manifest.read(run_dir)), ""]
     if rundir.is_done(run_dir, "eval"):
         lines += card_section(rundir.read_json(run_dir / "eval" / "results.json"))
     lines += _stage_section(run_dir, "sft")

@@ -2,7 +2,9 @@
 
 Layout:
     .gazal.lock                         held by the one process writing the run (see `lock`)
-    recipe.yaml, versions.json          the resolved recipe and library versions
+    recipe.yaml                         the resolved recipe
+    manifest.json                       what the run was made from (gazal.manifest): code, packages,
+                                        machine, and per stage its data, weights and benchmarks, hashed
     sft/    adapter/ merged/ metrics.jsonl summary.json recipe.yaml DONE
     grpo/   adapter/ merged/ metrics.jsonl summary.json recipe.yaml DONE
     eval/   results.json <benchmark>/samples.jsonl recipe.yaml DONE
@@ -17,12 +19,10 @@ import fcntl  # the writer lock is Linux (and other POSIX) only
 import json
 import logging
 import os
-import platform
 import shutil
 import socket
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ def is_main_process() -> bool:
 def distributed() -> bool:
     """True under `accelerate launch` / torchrun with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-_LIBRARIES = ("gazal", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "pydantic", "vllm")
 
 
 def new_run_dir(recipe: Recipe) -> Path:
@@ -66,17 +65,6 @@ def latest_run_dir(recipe: Recipe) -> Path:
     if not runs:
         raise GazalError(f"no run directory for recipe '{recipe.name}' under {recipe.output_dir}/ (pass --run-dir)")
     return runs[-1].parent
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of Python and the libraries that shape a result."""
-    out: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in _LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
@@ -137,12 +125,11 @@ def _describe_holder(text: str) -> str:
 
 
 def prepare(run_dir: Path, recipe: Recipe) -> None:
-    """Create the run directory and record the recipe and library versions."""
+    """Create the run directory and record the recipe (each stage adds to manifest.json as it starts)."""
     if not is_main_process():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, run_dir / "recipe.yaml")
-    write_json(run_dir / "versions.json", versions())
 
 
 def reset_peak_memory() -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from gazal import pubmedqa, rundir
+from gazal import manifest, pubmedqa, rundir
 from gazal.adapters import lora_config, upcast_dora_magnitudes
 from gazal.config import Recipe
 from gazal.data import load_sft_mixture
@@ -111,6 +111,7 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                                       recipe.data.sft_validation_fraction, loaded=pool)
     held_out += pool_validation
     base = rundir.model_for(run_dir, "sft", recipe)
+    manifest.record_stage(run_dir, "sft", recipe, base)
     tokenizer = load_tokenizer(base, recipe.model.revision, recipe.model.trust_remote_code)
     train, dropped = drop_overlong([{**to_chat(r, recipe.task.system_prompt), "where": r["where"]} for r in rows],
                                    tokenizer, cfg.max_length)
@@ -125,8 +126,10 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
 
     trainer = build_trainer(recipe, out, base, tokenizer, train, validation)
     checkpoint = resume_checkpoint(out) if resume else None
-    return train_and_save(trainer, trainer.processing_class, run_dir, "sft", {
+    summary = train_and_save(trainer, trainer.processing_class, run_dir, "sft", {
         "examples": len(train), "validation_examples": len(validation), "dropped_overlong": len(dropped),
         "dropped_overlong_validation": len(dropped_val), "base_model": base,
         "sources": [s.model_dump(mode="json") for s in recipe.data.sft],
         **({"test_overlap": pool_overlap} if pool_overlap else {})}, recipe, base, checkpoint)
+    manifest.finish_stage(run_dir, "sft", processes=summary["processes"], sharding=summary["sharding"])
+    return summary
