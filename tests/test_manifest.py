@@ -220,3 +220,49 @@ def test_accelerate_and_environment_are_read_from_the_launch(monkeypatch):
     assert manifest.accelerate_env() == {"ACCELERATE_CONFIG_FILE": "/x/fsdp.yaml",
                                          "ACCELERATE_MIXED_PRECISION": "bf16", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}
     assert manifest.environment()["WORLD_SIZE"] == "4" and manifest.hardware()["processes"] == 4
+
+
+def _moved_benchmarks(run, benchmarks_dir, tmp_path) -> tuple[Path, Path]:
+    """A copy of the run whose manifest records benchmark files in a folder of its own (copies of
+    the shared ones, so the recorded hashes hold), to edit without touching ../shared."""
+    out, _ = run
+    copy, folder = tmp_path / "run", tmp_path / "bench"
+    shutil.copytree(out, copy)
+    folder.mkdir()
+    m = json.loads((copy / "manifest.json").read_text())
+    ev = m["stages"]["eval"]
+    ev["benchmarks_dir"]["path"] = str(folder)
+    for entry in ev["benchmarks"].values():
+        moved = folder / Path(entry["path"]).name
+        shutil.copy(entry["path"], moved)
+        entry["path"] = str(moved)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    return copy, folder
+
+
+def test_later_commands_use_the_recorded_benchmarks_and_refuse_changed_ones(run, benchmarks_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    copy, folder = _moved_benchmarks(run, benchmarks_dir, tmp_path)
+    # Without $GAZAL_BENCHMARKS_DIR, as a later shell would be: the recorded folder is used.
+    monkeypatch.delenv("GAZAL_BENCHMARKS_DIR", raising=False)
+    assert main(["review", "export", str(copy), "--out", str(tmp_path / "pkg"), "-n", "2"]) == 0
+    assert main(["report", "--run-dir", str(copy)]) == 0
+    medqa = folder / "medqa_test.jsonl"
+    before = _sha256(medqa)
+    medqa.write_text(medqa.read_text() + medqa.read_text().splitlines()[0] + "\n")
+    capsys.readouterr()
+    for args in (["report", "--run-dir", str(copy)], ["review", "export", str(copy), "--out", str(tmp_path / "pkg2"), "-n", "2"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert str(medqa) in err and before in err and _sha256(medqa) in err
+
+
+def test_review_export_names_the_missing_benchmark_files_not_the_samples(run, benchmarks_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    copy, folder = _moved_benchmarks(run, benchmarks_dir, tmp_path)
+    shutil.rmtree(folder)  # the recorded files are gone, and nothing else finds them
+    monkeypatch.delenv("GAZAL_BENCHMARKS_DIR", raising=False)
+    monkeypatch.setattr("gazal.hub.offline", lambda: True)
+    assert main(["review", "export", str(copy), "--out", str(tmp_path / "pkg"), "-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "could not be found to match the samples" in err and "medqa" in err and "no evaluation samples" not in err

@@ -396,3 +396,27 @@ def finish_stage(run_dir: Path, stage: str, **facts: Any) -> None:
             model.update(model_entry(model["hub_id"], model["revision"]))
     entry.update(facts, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     rundir.write_json(Path(run_dir) / FILE, manifest)
+
+
+def verify_benchmarks(run_dir: Path) -> str | None:
+    """Check the benchmark files the run's evaluation recorded against their sha256 now; a changed
+    file is refused (GazalError naming it and both hashes), so a later command never quietly scores
+    against other data. Returns the recorded benchmarks directory when it still exists (None: not
+    recorded, or gone, and the usual lookup applies)."""
+    from gazal.errors import GazalError
+
+    ev = read(run_dir).get("stages", {}).get("eval", {})  # older runs have no manifest: {} throughout
+    for name, entry in (ev.get("benchmarks") or {}).items():
+        path, recorded = entry.get("path"), entry.get("sha256")
+        if not (path and recorded):
+            continue
+        if not Path(path).is_file():
+            log.warning("%s: %s recorded by the run is gone; the usual benchmark lookup applies", name, path)
+            continue
+        now = sha256_file(Path(path))
+        if now != recorded:
+            raise GazalError(f"{path}: the {name} benchmark file changed since {run_dir} evaluated it (sha256 "
+                             f"{recorded} in {FILE}, {now} now); restore it, or evaluate again")
+    directory = (ev.get("benchmarks_dir") or {}).get("path")
+    return directory if directory and Path(directory).is_dir() else None
+

@@ -189,6 +189,7 @@ def main(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise GazalError(f"{run_dir}: not a Gazal run directory (no recipe.yaml)")
+    manifest.verify_benchmarks(run_dir)  # a report never shows scores against benchmark files that changed since
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
     versions = manifest.run_packages(run_dir)
     lines = [f"# Gazal run: {recipe['name']}", "",

@@ -48,11 +48,16 @@ def _options(options: dict[str, str] | None) -> str:
 
 def rows_from_run(run_dir: Path, source: str) -> list[dict]:
     """Review rows from a run's evaluation samples (reasoning mode) or GRPO rollout samples."""
-    from gazal import evaluate
+    from gazal import evaluate, manifest
     from gazal.pubmedqa import grpo_questions
     from gazal.recipes import load_recipe
 
+    # The benchmark files the run evaluated (checked against the hashes it recorded), where its
+    # recipe left their folder to the environment ($GAZAL_BENCHMARKS_DIR).
+    recorded = manifest.verify_benchmarks(run_dir)
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
+    if recipe.eval.benchmarks_dir is None and recorded:
+        recipe = load_recipe(str(run_dir / "recipe.yaml"), [f"eval.benchmarks_dir={recorded}"])
     rows = []
     if source == "eval":
         items = evaluate.benchmark_items(recipe)
@@ -73,6 +78,11 @@ def rows_from_run(run_dir: Path, source: str) -> list[dict]:
                              "reasoning": reasoning, "answer": r.get("prediction") or "", "gold": it.answer,
                              "auto_correct": bool(r["correct"])})
         if not rows:
+            missing = [f"{name}: {why}" for name, why in items.items() if isinstance(why, str)
+                       and (run_dir / "eval" / name / "samples.jsonl").is_file()]
+            if missing:  # the samples are there; what they are matched against is not
+                raise GazalError(f"{run_dir}: the evaluated benchmarks' items could not be found to match the samples "
+                                 "to: " + "; ".join(missing))
             raise GazalError(f"{run_dir}: no evaluation samples (eval/<benchmark>/samples.jsonl)")
         return rows
     task: TaskSettings = recipe.task
