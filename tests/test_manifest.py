@@ -266,3 +266,29 @@ def test_review_export_names_the_missing_benchmark_files_not_the_samples(run, be
     assert main(["review", "export", str(copy), "--out", str(tmp_path / "pkg"), "-n", "2"]) == 2
     err = capsys.readouterr().err
     assert "could not be found to match the samples" in err and "medqa" in err and "no evaluation samples" not in err
+
+
+def test_reproduce_reruns_from_the_manifest_and_says_what_differs(tmp_path, benchmarks_dir, monkeypatch, capsys):
+    from gazal.compare import compare_runs
+
+    local = tmp_path / "cases.jsonl"
+    local.write_text("\n".join(seed_path("seed:sft").read_text().splitlines()[:5]) + "\n")
+    first, again = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv("GAZAL_BENCHMARKS_DIR", str(benchmarks_dir))
+    assert main(["run", "--config", "demo", "--run-dir", str(first), *TINY, f"data.sft={local}", "grpo.enabled=false",
+                 *EVAL]) == 0
+    # A later shell without the variable: the run's own environment chose the benchmarks.
+    monkeypatch.delenv("GAZAL_BENCHMARKS_DIR")
+    capsys.readouterr()
+    assert main(["reproduce", str(first), "--run-dir", str(again)]) == 0
+    out = capsys.readouterr().out
+    assert "as recorded" in out and f"gazal compare {first} {again}" in out
+    a, b = (json.loads((r / "manifest.json").read_text())["stages"] for r in (first, again))
+    assert a["sft"]["data"] == b["sft"]["data"] and a["sft"]["base_model"]["sha256"] == b["sft"]["base_model"]["sha256"]
+    assert a["eval"]["benchmarks"] == b["eval"]["benchmarks"]
+    res = compare_runs(first, again)
+    assert all(x["difference"] == 0 for x in res["benchmarks"].values() if "skipped" not in x)
+    # Changed data is said before anything runs again.
+    local.write_text(local.read_text() + local.read_text().splitlines()[0] + "\n")
+    diffs = manifest.differences(first)
+    assert any(str(local.resolve()) in d and _sha256(local) in d for d in diffs)

@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.set_defaults(resume=False)
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. sft.learning_rate=1e-4")
+    help_text = "re-run a run from its manifest.json: the same recipe and seeds, after saying what differs now"
+    p = sub.add_parser("reproduce", help=help_text, description=help_text + " (packages, hardware, data, model and "
+                       "benchmark hashes); then `gazal compare OLD NEW` shows whether the results agree")
+    p.add_argument("origin", type=Path, metavar="RUN_DIR", help="a finished run directory with manifest.json")
+    p.add_argument("--run-dir", type=Path, default=None, help="where the new run goes (default: a new directory)")
+    p.set_defaults(resume=False, overrides=[], config=None)
     p = sub.add_parser("score", help=SCORE_HELP, description=SCORE_HELP + ". Each line: id, completion, answer, and "
                        "options (letter -> text) or labels (e.g. [\"yes\", \"no\", \"maybe\"]).")
     p.add_argument("predictions", type=Path, metavar="PREDICTIONS.jsonl")
@@ -363,6 +369,26 @@ def _run_stage(name: str, recipe, run_dir: Path, resume: bool = False) -> None:
     print(f"<== {name} finished in {time.time() - start:.0f}s", flush=True)
 
 
+def _reproduce_preflight(args: argparse.Namespace) -> None:
+    """Say what differs from what the run recorded, put back the environment that chose its data,
+    and point the command at the recorded recipe (resolved, seeds included)."""
+    from gazal import manifest
+
+    recorded = manifest.read(args.origin)
+    if not recorded or not (args.origin / "recipe.yaml").is_file():
+        raise GazalError(f"{args.origin}: no manifest.json and recipe.yaml to reproduce from (runs before "
+                         "manifests: use `gazal run --config RUN/recipe.yaml`)")
+    diffs = manifest.differences(args.origin)
+    print(f"reproducing {args.origin}: " + ("packages, hardware class, data, models and benchmarks as recorded"
+                                           if not diffs else f"{len(diffs)} difference(s) from what it recorded:"))
+    for line in diffs:
+        print(f"  {line}")
+    folder = recorded.get("environment", {}).get("GAZAL_BENCHMARKS_DIR")
+    if folder and "GAZAL_BENCHMARKS_DIR" not in os.environ and Path(folder).is_dir():
+        os.environ["GAZAL_BENCHMARKS_DIR"] = folder  # the benchmark files the run evaluated
+    args.config = str(args.origin / "recipe.yaml")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from gazal import config, recipes, rundir
 
@@ -402,6 +428,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"\nreport: {path} and {path.with_suffix('.html')}")
         return 0
 
+    if args.command == "reproduce":
+        _reproduce_preflight(args)  # then it is `gazal run` of the recorded recipe
     recipe = recipes.load_recipe(args.config, args.overrides)
     if args.command == "validate":
         if args.explain:
@@ -426,7 +454,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     rundir.lock(run_dir)  # one writer per run directory: refused (exit 2) before anything is written
     rundir.prepare(run_dir, recipe)
     print(f"run directory: {run_dir}", flush=True)
-    if args.command == "run":
+    if args.command in ("run", "reproduce"):
         for name in rundir.STAGES:
             if not getattr(recipe, name).enabled:
                 print(f"--- {name}: disabled in the recipe")
@@ -441,6 +469,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         path = report.main(run_dir)
         print(path.read_text(encoding="utf-8"))
         print(f"\nreport: {path} and {path.with_suffix('.html')}")
+        if args.command == "reproduce":
+            print(f"do the results agree? gazal compare {args.origin} {run_dir}")
     else:
         _run_stage(args.command, recipe, run_dir, resume)
         if args.command == "eval" and rundir.is_main_process():

@@ -420,3 +420,38 @@ def verify_benchmarks(run_dir: Path) -> str | None:
     directory = (ev.get("benchmarks_dir") or {}).get("path")
     return directory if directory and Path(directory).is_dir() else None
 
+
+
+def differences(run_dir: Path) -> list[str]:
+    """What differs now from what `run_dir` recorded, for `gazal reproduce` to say before it starts:
+    package versions, the hardware class (CPU model and count, GPUs), and the hashes of the data
+    files, starting models and benchmark files the stages recorded (models the run made itself, its
+    merged outputs, are not inputs and are left out)."""
+    recorded = read(run_dir)
+    out = []
+    for name, then in recorded.get("packages", {}).items():
+        now = packages().get(name)
+        if now != then:
+            out.append(f"package {name}: {then} then, {now} now")
+    hw_then, hw_now = recorded.get("hardware", {}), hardware()
+    for key in ("cpu", "cpus", "gpus"):
+        if hw_then.get(key) != hw_now.get(key):
+            out.append(f"hardware {key}: {hw_then.get(key)} then, {hw_now.get(key)} now")
+    inside = str(Path(run_dir).resolve())
+    for stage, entry in recorded.get("stages", {}).items():
+        files = [(f"{stage} data {d.get('source')}", d) for d in entry.get("data", [])]
+        files += [(f"eval benchmark {name}", b) for name, b in (entry.get("benchmarks") or {}).items()]
+        for what, d in files:
+            path, then = d.get("path"), d.get("sha256")
+            if not (path and then):
+                continue  # hub data: its rows' hash needs a download; `gazal sft` reads them again
+            now = sha256_file(Path(path)) if Path(path).is_file() else None
+            if now != then:
+                out.append(f"{what}: {path} sha256 {then} then, {now or 'missing'} now")
+        model = entry.get("base_model") or {}
+        if model.get("sha256") and not str(model.get("path", "")).startswith(inside):
+            now = model_entry(model.get("path") or model["hub_id"], model.get("revision")).get("sha256")
+            if now != model["sha256"]:
+                out.append(f"{stage} starting model {model.get('name') or model.get('hub_id')}: sha256 "
+                           f"{model['sha256']} then, {now or 'missing'} now")
+    return out
