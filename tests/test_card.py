@@ -110,3 +110,35 @@ def test_direct_answers_are_prefilled_and_scored_with_the_prefill(benchmarks_dir
 
     extraction, correct = score(decoding.prefill + " yes.", "yes", ["yes", "no", "maybe"], None)
     assert extraction.label == "yes" and correct
+
+
+def test_the_cache_is_keyed_on_the_benchmark_files_content(tmp_path, benchmarks_dir, monkeypatch):
+    """The key holds the benchmark file's sha256 the manifest records: a copy elsewhere is the same
+    evaluation, the same ids in an edited file are other questions."""
+    from gazal.benchmarks import LOCAL_FILES
+
+    monkeypatch.setenv("GAZAL_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = TransformersGenerator.generate
+    monkeypatch.setattr(TransformersGenerator, "generate",
+                        lambda self, conv, decoding=None, seed=0: calls.append(len(conv)) or real(self, conv, decoding, seed))
+    copied, edited = tmp_path / "copied", tmp_path / "edited"
+    for folder in (copied, edited):
+        folder.mkdir()
+        for name in ("medqa", "pubmedqa"):
+            shutil.copy(benchmarks_dir / LOCAL_FILES[name], folder / LOCAL_FILES[name])
+    medqa = edited / LOCAL_FILES["medqa"]
+    medqa.write_text(medqa.read_text().replace("year-old", "year old"))  # same ids, other question texts
+    runs = {name: tmp_path / name for name in ("first", "copy", "edit")}
+    for run in runs.values():
+        _fake_sft(run)
+    assert main(_cmd(runs["first"], benchmarks_dir, "eval.stages=[base, sft]", "eval.cache=true")) == 0
+    assert len(calls) == 32
+    calls.clear()
+    assert main(_cmd(runs["copy"], copied, "eval.stages=[base, sft]", "eval.cache=true")) == 0
+    assert calls == []
+    assert main(_cmd(runs["edit"], edited, "eval.stages=[base, sft]", "eval.cache=true")) == 0
+    assert len(calls) == 16  # medqa again, both models and modes; pubmedqa's file is unchanged: cached
+    recorded = json.loads((runs["edit"] / "manifest.json").read_text())["stages"]["eval"]["benchmarks"]
+    assert recorded["medqa"]["sha256"] != json.loads((runs["first"] / "manifest.json").read_text())[
+        "stages"]["eval"]["benchmarks"]["medqa"]["sha256"]

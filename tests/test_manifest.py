@@ -292,3 +292,60 @@ def test_reproduce_reruns_from_the_manifest_and_says_what_differs(tmp_path, benc
     local.write_text(local.read_text() + local.read_text().splitlines()[0] + "\n")
     diffs = manifest.differences(first)
     assert any(str(local.resolve()) in d and _sha256(local) in d for d in diffs)
+
+
+def _unfinished(copy: Path) -> None:
+    """The copied run as a killed evaluation leaves it: rows written, no DONE."""
+    (copy / "eval" / "DONE").unlink()
+
+
+def test_a_resumed_evaluation_reads_the_recorded_benchmarks_and_refuses_changed_ones(run, benchmarks_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    copy, folder = _moved_benchmarks(run, benchmarks_dir, tmp_path)
+    _unfinished(copy)
+    before = json.loads((copy / "eval" / "results.json").read_text())["benchmarks"]
+    # The variable now points elsewhere (an empty folder): the finished rows came from the recorded one.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("GAZAL_BENCHMARKS_DIR", str(elsewhere))
+    assert main(["eval", "--config", "demo", "--run-dir", str(copy), *TINY, *EVAL]) == 0
+    ev = json.loads((copy / "manifest.json").read_text())["stages"]["eval"]
+    assert ev["benchmarks_dir"] == {"path": str(folder.resolve()), "from": "the run's manifest (a resumed evaluation)"}
+    assert {Path(b["path"]).parent for b in ev["benchmarks"].values()} == {folder.resolve()}
+    assert json.loads((copy / "eval" / "results.json").read_text())["benchmarks"] == before
+    # A recorded file edited before the resume: refused, naming it and both hashes.
+    _unfinished(copy)
+    medqa = folder / "medqa_test.jsonl"
+    recorded = _sha256(medqa)
+    medqa.write_text(medqa.read_text().replace("year-old", "year old"))
+    capsys.readouterr()
+    assert main(["eval", "--config", "demo", "--run-dir", str(copy), *TINY, *EVAL]) == 2
+    err = capsys.readouterr().err
+    assert str(medqa) in err and recorded in err and _sha256(medqa) in err
+    # The recorded folder gone, and the file found instead differs: refused too, not merged.
+    shutil.rmtree(folder)
+    shutil.copytree(benchmarks_dir, elsewhere, dirs_exist_ok=True, ignore=lambda d, names: [
+        n for n in names if n not in ("medqa_test.jsonl", "pubmedqa_test.jsonl")])
+    changed = elsewhere / "medqa_test.jsonl"
+    changed.write_text(changed.read_text().replace("year-old", "year old"))
+    assert main(["eval", "--config", "demo", "--run-dir", str(copy), *TINY, *EVAL]) == 2
+    err = capsys.readouterr().err
+    assert str(medqa) in err and recorded in err and str(changed) in err and _sha256(changed) in err
+
+
+def test_compare_pairs_only_runs_on_the_same_benchmark_data(run, tmp_path, capsys):
+    out, _ = run
+    twin = tmp_path / "twin"
+    shutil.copytree(out, twin)
+    assert main(["compare", str(out), str(twin)]) == 0
+    printed = capsys.readouterr().out
+    recorded = json.loads((out / "manifest.json").read_text())["stages"]["eval"]["benchmarks"]
+    assert "same answer in both runs: 3/3" in printed and recorded["medqa"]["sha256"][:12] in printed
+    m = json.loads((twin / "manifest.json").read_text())
+    m["stages"]["eval"]["benchmarks"]["medqa"]["sha256"] = "0" * 64  # as a run on an edited file records
+    (twin / "manifest.json").write_text(json.dumps(m))
+    assert main(["compare", str(out), str(twin)]) == 2
+    err = capsys.readouterr().err
+    assert "medqa" in err and recorded["medqa"]["sha256"] in err and "0" * 64 in err
+    # A stage's folder of the card is paired through the run's manifest too.
+    assert main(["compare", str(out / "eval" / "stages" / "base"), str(twin / "eval" / "stages" / "base")]) == 2

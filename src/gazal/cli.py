@@ -264,6 +264,10 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"{name}: n={b['n']}, A {100 * b['accuracy_a']:.1f}%, B {100 * b['accuracy_b']:.1f}%, "
               f"B-A {100 * b['difference']:+.1f} pts (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}), "
               f"{b['test']} p={b['p_value']:.3g}: {b['verdict']}")
+        same = b.get("same_predictions")
+        if same is not None:
+            data = f", benchmark sha256 {b['benchmark_sha256'][:12]} in both" if b.get("benchmark_sha256") else ""
+            print(f"  same answer in both runs: {same['same']}/{same['of']}{data}")
         for cat, c in b["per_category"].items():
             print(f"  {cat}: n={c['n']}, A {100 * c['accuracy_a']:.1f}%, B {100 * c['accuracy_b']:.1f}%, "
                   f"B-A {100 * c['difference']:+.1f} pts")

@@ -19,7 +19,7 @@ import zlib
 from collections import defaultdict
 from pathlib import Path
 
-from gazal import rundir
+from gazal import manifest, rundir
 from gazal.errors import GazalError
 from gazal.scoring import wilson_interval
 
@@ -179,6 +179,38 @@ def _benchmarks(run: Path, mode: str) -> dict[str, list[dict]]:
     return found
 
 
+def _sources(run: Path) -> dict[str, dict]:
+    """The benchmark sources the run's manifest recorded (manifest.eval_benchmarks; {} for a run
+    without one). `run` is a run directory, its eval/ folder, or one stage's folder of the card."""
+    folder = eval_folder(run)
+    root = folder.parent if folder.name == "eval" else folder.parents[2] if folder.parent.name == "stages" else None
+    return manifest.eval_benchmarks(root) if root is not None else {}
+
+
+def _same_data(name: str, source_a: dict, source_b: dict, run_a: Path, run_b: Path) -> str | None:
+    """The benchmark file's sha256 both runs recorded (None where either did not record one);
+    GazalError when they differ: the same ids would then be other questions or other labels."""
+    a, b = source_a.get("sha256"), source_b.get("sha256")
+    if a and b and a != b:
+        raise GazalError(f"{name}: the runs evaluated different benchmark data, so their items cannot be paired: "
+                         f"A ({run_a}) read {source_a.get('path') or source_a.get('hub_id')} (sha256 {a}), B ({run_b}) "
+                         f"read {source_b.get('path') or source_b.get('hub_id')} (sha256 {b}); evaluate both on the "
+                         "same files")
+    return a if a and b else None
+
+
+def _same_predictions(rows_a: list[dict], rows_b: list[dict]) -> dict | None:
+    """How many (item, sample) answers are the same in both runs: a re-run (`gazal reproduce`) that
+    agrees gives every one. None when rows lack predictions or the samples differ."""
+    def answers(rows):
+        return {(r["id"], r.get("sample", 0)): r.get("prediction") for r in rows}
+
+    a, b = answers(rows_a), answers(rows_b)
+    if a.keys() != b.keys() or any("prediction" not in r for r in (*rows_a, *rows_b)):
+        return None
+    return {"same": sum(a[k] == b[k] for k in a), "of": len(a)}
+
+
 def _per_item(rows: list[dict]) -> tuple[dict, dict, int]:
     """Item id -> mean of correct over its samples, item id -> category, and the most samples of any item.
 
@@ -243,6 +275,7 @@ def compare_one(name: str, rows_a: list[dict], rows_b: list[dict], run_a: Path, 
         out.update(test=BOOTSTRAP, p_value=p, ci95=list(ci), ci95_method=f"percentile bootstrap, {n_boot} resamples",
                    seed=seed)
     out["verdict"] = verdict(out["difference"], p)
+    out["same_predictions"] = _same_predictions(rows_a, rows_b)
     groups: dict[str, list[str]] = defaultdict(list)
     for i in ids:
         category = cat_a.get(i) or cat_b.get(i)
@@ -262,8 +295,10 @@ def compare_runs(run_a: Path, run_b: Path, mode: str = "reasoning", seed: int = 
     Returns {"run_a", "run_b", "mode", "alpha", "benchmarks": {name: entry}}; an entry has n,
     samples_per_item, accuracy_a, accuracy_b, difference (B - A), ci95 and ci95_method, test,
     p_value, verdict and per_category, or only "skipped" (a reason) for a benchmark in one run.
-    Raises GazalError for a run without eval/ or without rows in this mode, and for a benchmark
-    whose item ids differ between the runs.
+    Each compared entry also says how many answers are the same in both runs (same_predictions) and
+    the benchmark file's sha256 both runs' manifests recorded.
+    Raises GazalError for a run without eval/ or without rows in this mode, for a benchmark whose
+    item ids differ between the runs, and for one whose recorded benchmark hashes differ.
     """
     if mode not in MODES:
         raise GazalError(f"unknown evaluation mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -272,12 +307,15 @@ def compare_runs(run_a: Path, run_b: Path, mode: str = "reasoning", seed: int = 
     run_a, run_b = Path(run_a), Path(run_b)
     found_a, found_b = _benchmarks(run_a, mode), _benchmarks(run_b, mode)
     results_a, results_b = _results(run_a), _results(run_b)
+    sources_a, sources_b = _sources(run_a), _sources(run_b)
     # Benchmarks in the order the runs list them, then any others by name.
     names = list(dict.fromkeys([*results_a, *results_b, *sorted({*found_a, *found_b})]))
     benchmarks: dict[str, dict] = {}
     for name in names:
         if name in found_a and name in found_b:
-            entry = compare_one(name, found_a[name], found_b[name], run_a, run_b, seed, n_boot)
+            data = _same_data(name, sources_a.get(name, {}), sources_b.get(name, {}), run_a, run_b)
+            entry = {**compare_one(name, found_a[name], found_b[name], run_a, run_b, seed, n_boot),
+                     "benchmark_sha256": data}
             log.info("%s: A %.3f, B %.3f, %s p=%.3g: %s", name, entry["accuracy_a"], entry["accuracy_b"],
                      entry["test"], entry["p_value"], entry["verdict"])
         elif name in found_a:

@@ -1,6 +1,7 @@
 """Finished evaluations kept across runs, keyed by what decides their completions.
 
-The key is a hash of the model's content (its weight, config and tokenizer files), the benchmark's
+The key is a hash of the model's content (its weight, config and tokenizer files, by the per-file
+sha256 the run's manifest records), the benchmark file's sha256 as the manifest records it and its
 item ids in order, the prompts' settings, the decoding, the batching (left padding changes greedy
 floating-point results) and the backend. The same base model evaluated by two runs of a recipe is
 then generated once. Cached rows keep their completions; the caller scores them again, so a change
@@ -15,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from gazal import rundir
+from gazal import manifest, rundir
 from gazal.models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,10 @@ def model_digest(model_path: str) -> str | None:
     entry = known.get(str(path.resolve()))
     if entry and entry["stamp"] == [list(s) for s in stamp]:
         return entry["digest"]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    digest = h.hexdigest()
+    # The same per-file hashes the run's manifest records (manifest.sha256_file, remembered for the
+    # process, so a model the manifest has just hashed is not read again), as `sha256sum` lines.
+    lines = "".join(f"{manifest.sha256_file(f)}  {f.name}\n" for f in files)
+    digest = hashlib.sha256(lines.encode("utf-8")).hexdigest()
     known[str(path.resolve())] = {"stamp": stamp, "digest": digest}
     memo.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_json(memo, known)

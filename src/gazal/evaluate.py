@@ -263,25 +263,33 @@ def _claim(folder: Path, model_path: str, keep: bool) -> None:
     marker.write_text(model_path + "\n")
 
 
-def _cache_keys(recipe: Recipe, model_path: str, items: dict[str, list[Item] | str]) -> dict[tuple[str, str], tuple[str, dict]]:
-    """(benchmark, mode) -> (cache key, what it covers), for a model whose content can be hashed."""
+def _cache_keys(recipe: Recipe, model_path: str, items: dict[str, list[Item] | str],
+                sources: dict[str, dict]) -> dict[tuple[str, str], tuple[str, dict]]:
+    """(benchmark, mode) -> (cache key, what it covers), for a model whose content can be hashed and
+    a benchmark whose source the manifest hashed (`sources`: manifest.eval_benchmarks): the same ids
+    in an edited benchmark file are other questions, so the file's hash is part of the key."""
     digest = evalcache.model_digest(model_path)
     if digest is None:
         return {}
     cfg = recipe.eval
-    chosen = {name: [it.id for it in v] for name, v in items.items() if not isinstance(v, str)}
+    evaluated = {name: [it.id for it in v] for name, v in items.items() if not isinstance(v, str)}
+    hashes = {name: (sources.get(name) or {}).get("sha256") for name in evaluated}
+    chosen = {name: ids for name, ids in evaluated.items() if hashes[name]}
     out = {}
     for mode in cfg.modes:
         decoding = Decoding.of(cfg, mode)
         for name, ids in chosen.items():
-            what = {"benchmark": name, "mode": mode, "ids": ids, "decoding": asdict(decoding),
+            what = {"benchmark": name, "benchmark_sha256": sources[name]["sha256"], "mode": mode, "ids": ids,
+                    "decoding": asdict(decoding),
                     "task": _task(recipe, mode).model_dump(mode="json"), "seed": recipe.seed,
                     "batch_size": cfg.batch_size, "backend": cfg.backend, "dtype": recipe.model.dtype,
                     "model_kwargs": recipe.model.model_dump(mode="json", exclude={"name_or_path"}),
                     "max_model_len": cfg.max_model_len}
             if cfg.generation_batch_size and mode != "direct" and decoding.temperature == 0:
                 # Packed greedy calls mix benchmarks: a batch's neighbours (and padding) are part of its key.
-                what.update(generation_batch_size=cfg.generation_batch_size, all_ids=chosen)
+                if not all(hashes.values()):
+                    continue  # a neighbour's content is unknown
+                what.update(generation_batch_size=cfg.generation_batch_size, all_ids=evaluated, all_sha256=hashes)
             out[(name, mode)] = (evalcache.key(digest, what), {**what, "model_path": model_path})
     return out
 
@@ -304,10 +312,11 @@ def _fill_from_cache(keys: dict, items: dict[str, list[Item] | str], folder: Pat
         log.info("%s (%s): %d rows from the evaluation cache", name, mode, len(fresh))
 
 
-def benchmark_items(recipe: Recipe) -> dict[str, list[Item] | str]:
-    """Each benchmark's items (the limited selection), or why it is unavailable."""
+def benchmark_items(recipe: Recipe, directory: Path | None = None) -> dict[str, list[Item] | str]:
+    """Each benchmark's items (the limited selection), or why it is unavailable; from `directory`
+    when given (a resumed evaluation's recorded folder), else the recipe's lookup."""
     cfg = recipe.eval
-    directory = benchmarks_dir(cfg.benchmarks_dir)
+    directory = directory or benchmarks_dir(cfg.benchmarks_dir)
     seed = recipe.seed if cfg.limit_seed is None else cfg.limit_seed
     out: dict[str, list[Item] | str] = {}
     for name in cfg.benchmarks:
@@ -442,10 +451,13 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
     stages = stage_models(run_dir, recipe)
     final = stages[-1][0]
     keep = _same_settings(run_dir, recipe)
+    # A resumed evaluation reads the benchmark files its finished batches were made from (checked
+    # against their recorded hashes), not whatever the environment points at now.
+    recorded = manifest.resume_benchmarks(run_dir, recipe) if keep else None
     out = rundir.start_stage(run_dir, "eval", recipe, keep=("stages", *cfg.benchmarks, "model.txt") if keep else ())
-    items = benchmark_items(recipe)
+    items = benchmark_items(recipe, recorded)
     manifest.record_stage(run_dir, "eval", recipe, stages[-1][1], models=dict(stages) if len(stages) > 1 else None,
-                          benchmarks=items)
+                          benchmarks=items, benchmarks_from=recorded)
     for name, chosen in items.items():
         if isinstance(chosen, str):
             log.warning("skipping %s: %s", name, chosen)
@@ -458,7 +470,7 @@ def main(recipe: Recipe, run_dir: Path) -> dict:
             folder = stage_folder(out, stage, final)
             _claim(folder, model_path, keep)
             if cfg.cache:
-                keys[stage] = _cache_keys(recipe, model_path, items)
+                keys[stage] = _cache_keys(recipe, model_path, items, manifest.eval_benchmarks(run_dir))
                 _fill_from_cache(keys[stage], items, folder, n_of)
     _wait(run_dir)
     world = shard()[1]

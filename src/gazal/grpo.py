@@ -320,5 +320,4 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                                          "sampler_logprob_batches": trainer.sampler_logprob_batches,
                                          "sampler_logprob_batches_skipped": trainer.sampler_logprob_skipped,
                                          "groups_gated_on_accuracy": trainer.gated_groups})
-    manifest.finish_stage(run_dir, "grpo", processes=summary["processes"], sharding=summary["sharding"])
     return summary

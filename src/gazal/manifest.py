@@ -186,10 +186,11 @@ def data_entry(spec: str, config: str | None = None, split: str = "train", revis
     return {"source": spec, **_hub_entry(spec, config, split, revision, data_dir)}
 
 
-def benchmark_source(name: str, recipe: Recipe) -> dict[str, Any]:
+def benchmark_source(name: str, recipe: Recipe, directory: Path | None = None) -> dict[str, Any]:
     """Where a benchmark's items come from (gazal.benchmarks.load_benchmark): the local file under
-    eval.benchmarks_dir or $GAZAL_BENCHMARKS_DIR, else the hub's pinned split."""
-    directory = benchmarks_dir(recipe.eval.benchmarks_dir)
+    `directory` (a resumed evaluation's recorded folder), eval.benchmarks_dir or
+    $GAZAL_BENCHMARKS_DIR, else the hub's pinned split."""
+    directory = directory or benchmarks_dir(recipe.eval.benchmarks_dir)
     if directory is not None:
         path = directory / LOCAL_FILES[name]
         return _file_entry(path) if path.is_file() else {"path": str(path.resolve()), "sha256": None}
@@ -317,10 +318,10 @@ def run_packages(run_dir: Path) -> dict[str, str | None]:
     return rundir.read_json(old) if old.is_file() else {}
 
 
-def _benchmarks(recipe: Recipe, items: dict[str, list[Item] | str]) -> dict[str, Any]:
+def _benchmarks(recipe: Recipe, items: dict[str, list[Item] | str], directory: Path | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, chosen in items.items():
-        entry = benchmark_source(name, recipe)
+        entry = benchmark_source(name, recipe, directory)
         if isinstance(chosen, str):
             out[name] = {**entry, "skipped": chosen}
         else:
@@ -328,7 +329,9 @@ def _benchmarks(recipe: Recipe, items: dict[str, list[Item] | str]) -> dict[str,
     return out
 
 
-def _benchmarks_dir(recipe: Recipe) -> dict[str, Any]:
+def _benchmarks_dir(recipe: Recipe, recorded: Path | None) -> dict[str, Any]:
+    if recorded is not None:
+        return {"path": str(Path(recorded).resolve()), "from": "the run's manifest (a resumed evaluation)"}
     configured = recipe.eval.benchmarks_dir
     directory = benchmarks_dir(configured)
     origin = "eval.benchmarks_dir" if configured else "GAZAL_BENCHMARKS_DIR" if directory else "the hub"
@@ -336,11 +339,13 @@ def _benchmarks_dir(recipe: Recipe) -> dict[str, Any]:
 
 
 def record_stage(run_dir: Path, stage: str, recipe: Recipe, base_model: str, *, adapter: Path | None = None,
-                 models: dict[str, str] | None = None, benchmarks: dict[str, list[Item] | str] | None = None) -> None:
+                 models: dict[str, str] | None = None, benchmarks: dict[str, list[Item] | str] | None = None,
+                 benchmarks_from: Path | None = None) -> None:
     """Write (or extend) RUN/manifest.json as `stage` starts: the launch's context and the stage's
     entry: its data sources, the model it starts from (`base_model`, a folder or hub id; with
     `adapter`, the adapter folder it continues), for eval every evaluated model (`models`, by stage)
-    and the benchmarks' sources and chosen items (`benchmarks`). Main process only."""
+    and the benchmarks' sources and chosen items (`benchmarks`, read from `benchmarks_from` when a
+    resumed evaluation uses the folder the run recorded). Main process only."""
     if not rundir.is_main_process():
         return
     start = time.perf_counter()
@@ -372,8 +377,8 @@ def record_stage(run_dir: Path, stage: str, recipe: Recipe, base_model: str, *, 
     if models is not None:
         entry["models"] = {name: model(path) for name, path in models.items()}
     if benchmarks is not None:
-        entry["benchmarks_dir"] = _benchmarks_dir(recipe)
-        entry["benchmarks"] = _benchmarks(recipe, benchmarks)
+        entry["benchmarks_dir"] = _benchmarks_dir(recipe, benchmarks_from)
+        entry["benchmarks"] = _benchmarks(recipe, benchmarks, benchmarks_from)
     entry["manifest_seconds"] = round(time.perf_counter() - start, 3)
     stages[stage] = entry
     # The launch's sections first, the stages after them, whatever order an older manifest had.
@@ -420,6 +425,37 @@ def verify_benchmarks(run_dir: Path) -> str | None:
     directory = (ev.get("benchmarks_dir") or {}).get("path")
     return directory if directory and Path(directory).is_dir() else None
 
+
+
+def eval_benchmarks(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The benchmark sources the run's evaluation recorded: name -> {path or hub_id, sha256, ids, ...}
+    ({} for a run without a manifest or an evaluation)."""
+    return read(run_dir).get("stages", {}).get("eval", {}).get("benchmarks") or {}
+
+
+def resume_benchmarks(run_dir: Path, recipe: Recipe) -> Path | None:
+    """The benchmarks folder a resumed evaluation must read: the one the run recorded, while it
+    exists and its files still have the recorded hashes, whatever $GAZAL_BENCHMARKS_DIR says now
+    (the finished batches were generated from it). Raises GazalError, naming the file and both
+    hashes, when a recorded file changed, or when it is gone and the file found instead differs:
+    finished rows are never merged with rows of other data. None: nothing recorded (the usual
+    lookup applies)."""
+    from gazal.errors import GazalError
+
+    directory = verify_benchmarks(run_dir)
+    if directory is not None:
+        return Path(directory)
+    for name, entry in eval_benchmarks(run_dir).items():
+        path, recorded = entry.get("path"), entry.get("sha256")
+        if not (path and recorded) or name not in recipe.eval.benchmarks:
+            continue  # hub benchmarks are pinned to a revision; a skipped one has no rows
+        now = benchmark_source(name, recipe)
+        if now.get("sha256") != recorded:
+            found = f"{now['path']} (sha256 {now.get('sha256')})" if now.get("path") else "the hub's copy"
+            raise GazalError(f"{run_dir}: the unfinished evaluation's {name} rows were generated from {path} (sha256 "
+                             f"{recorded} in {FILE}), which is gone; the benchmark found now is {found}. Restore "
+                             f"that file, or delete {Path(run_dir) / 'eval'} to evaluate from the start")
+    return None
 
 
 def differences(run_dir: Path) -> list[str]:

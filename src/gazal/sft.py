@@ -131,5 +131,4 @@ def main(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         "dropped_overlong_validation": len(dropped_val), "base_model": base,
         "sources": [s.model_dump(mode="json") for s in recipe.data.sft],
         **({"test_overlap": pool_overlap} if pool_overlap else {})}, recipe, base, checkpoint)
-    manifest.finish_stage(run_dir, "sft", processes=summary["processes"], sharding=summary["sharding"])
     return summary

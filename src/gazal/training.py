@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from gazal import rundir, trackers
+from gazal import manifest, rundir, trackers
 from gazal.adapters import ParamSnapshot, fsdp2_adapter_state_dict, save_adapter_and_merged
 from gazal.sharding import sharding_of
 from gazal.config import GRPOSettings, Recipe, SFTSettings
@@ -258,6 +258,9 @@ def train_and_save(trainer, tokenizer, run_dir: Path, stage: str, summary: dict[
     if trainer.accelerator.is_main_process:
         rundir.write_json(out / "summary.json", summary)
         if event is None:
+            # The manifest's end first: a run killed between the two has no DONE, so the stage runs
+            # again, rather than a DONE stage whose manifest never says it finished.
+            manifest.finish_stage(run_dir, stage, processes=summary["processes"], sharding=summary["sharding"])
             rundir.finish_stage(run_dir, stage)
     trainer.accelerator.wait_for_everyone()
     release(trainer)
