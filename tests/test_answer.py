@@ -241,6 +241,33 @@ CASES = [
     ("<think>x</think>\nVitamin D is the most likely deficiency.", ABCD, None, None, NO_ANSWER),
     ("<think>x</think>\nA fever of 38 °C is common.", ABCD, None, None, NO_ANSWER),
     ("<think>x</think>\nThe temperature was 37.8 °C or higher.", ABCD, None, None, NO_ANSWER),
+    # issue 25, after a blind held-out set (written without the rules) found these forms; phrased anew here
+    ("<think>x</think>\nThe right answer isn't C but B.", ABCD, None, "B", OK),
+    ("<think>x</think>\nMany residents would say A; the answer is actually D.", ABCD, None, "D", OK),
+    ("<think>x</think>\nBoth B and C seem defensible to me.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nEither A or D would fit this picture.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nIt could be B or D depending on the echo.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\n$\\boxed{B}$ / $\\boxed{C}$", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nThe answer is A. That said, it might equally be C.", ABCD, None, None, HEDGE),
+    ("<think>x</think>\nBetween B and D, I would pick D.", ABCD, None, "D", OK),
+    ("<think>x</think>\nWeighing everything, I would keep B as my final choice.", ABCD, None, "B", OK),
+    ("<think>x</think>\nThe imaging findings make (C) the most likely answer.", ABCD, None, "C", OK),
+    ("<think>x</think>\nA review of all four leaves C as the answer.", ABCD, None, "C", OK),
+    ("<think>x</think>\n### Verdict\n**D** Aortic dissection\n\nB is less likely.", ABCD, None, "D", OK),
+    ("<think>x</think>\n**B — Acute cholecystitis**\n\nThe fever and Murphy sign fit; pancreatitis (A) would raise "
+     "lipase, and (D) needs free air.", ABCD, None, "B", OK),
+    ("<think>x</think>\nOptions:\nA. Aspirin\nB. Heparin\nC. Alteplase\nD. Clopidogrel", ABCD, None, None, NO_ANSWER),
+    ("<think>x</think>\nE. coli is the usual cause, so the answer is B.", ABCD, None, "B", OK),
+    ("<think>x</think>\nNo, leaning maybe.", YNM, None, None, HEDGE),
+    ("<think>x</think>\nYes, or at most maybe.", YNM, None, None, HEDGE),
+    ("<think>x</think>\nmaybe yes no", YNM, None, None, HEDGE),
+    ("<think>x</think>\n**Answer:** A, though C is equally plausible if the culture grows gram-negatives.", ABCD, None,
+     None, HEDGE),
+    ("<think>x</think>\nThe low ferritin makes it B, not A.", ABCD, None, "B", OK),
+    ("<think>x</think>\n### Answer\nB\n\n### Revised answer\n**D. Haloperidol**", ABCD, None, "D", OK),
+    ("<think>x</think>\n**C. t(15;17)**\n\nPML-RARA defines acute promyelocytic leukemia.", ABCD, None, "C", OK),
+    ("<think>x</think>\nThe answer is (B).\n\n(A) Lithium would not cause this.", ABCD, None, "B", OK),
+    ("<think>x</think>\nA) Aspirin B) Heparin C) Alteplase D) Warfarin", ABCD, None, None, NO_ANSWER),
 ]
 
 

@@ -10,7 +10,10 @@ Rules, in order:
 2. An explicit answer statement ("the answer is", "Answer:", "Answer —", "Final answer",
    \\boxed{} (also \\boxed{\\text{B}}), a line holding only the label, "Option B" / "Choice C" alone,
    or a verdict on a label: "B is the correct answer", "I believe (C) is correct", "option b is the
-   best choice") wins over labels merely mentioned; the last statement wins.
+   best choice", "that leaves D as the answer", "makes (C) the most likely answer"; a heading such
+   as "### Answer" reads the line below it; a single line giving a letter and its text, "**C —
+   Radial nerve**", is that letter) wins over labels merely mentioned; the last statement wins.
+   "The answer isn't A but D" states D: the "is" of "isn't" is no statement's verb.
 3. Option text maps to its letter, longest exact match first ("Vitamin B12" is not "Vitamin B1").
 4. A label the statement sets aside is not an answer: "not B", "rather than B", "instead of B",
    "D over A", "B is wrong / unlikely / a distractor / ruled out". So "C, not B" is C, "not B" alone
@@ -18,8 +21,11 @@ Rules, in order:
 5. Two or more different options offered as answers in the final statement is a hedge: no answer.
    Besides "B or C", "B/C", "either B or C", "B and C", this covers a second option offered as
    possible: "B, possibly D", "B (or perhaps D)", "B and maybe D", "B, though D is also possible",
-   "B; D can't be ruled out", "B, with D a close second". Options named only in the explanation
-   ("C, because A and B would drop the pressure") are not offered, so they do not make a hedge.
+   "B; D can't be ruled out", "B, with D a close second", "both B and D are reasonable", "either
+   B or D", "\\boxed{B} or \\boxed{D}", and a later sentence that reopens it ("B. It might also be D").
+   Options named only in the explanation ("C, because A and B would drop the pressure") are not
+   offered, so they do not make a hedge. The options listed line by line ("A. ...", "B. ...") with
+   none chosen are no answer, not the last one listed.
 6. A letter that is not one of the options is no answer (status not_an_option).
 7. A capital letter that opens a sentence is prose, not a letter, when it stands bare before a
    lowercase word or a contraction, or has a full stop before an all-lowercase word ("E. coli"),
@@ -62,8 +68,8 @@ class Extraction:
 
 # "The (final/correct) answer is", "Answer:", "Final answer -", "Answer — C", "correct option is" ...
 _STATEMENT = re.compile(
-    r"(?:\b(?:final|correct|best|right)\s+(?:answer|option|choice)\b(?:\s+is)?"
-    r"|\banswer\s+is\b|\banswer\b\s*(?=[:\-–—=])|\boption\s+is\b|\bchoice\s+is\b)"
+    r"(?:\b(?:final|correct|best|right)\s+(?:answer|option|choice)\b(?:\s+is\b(?![’']))?"
+    r"|\banswer\s+is\b(?![’'])|\banswer\b\s*(?=[:\-–—=])|\boption\s+is\b(?![’'])|\bchoice\s+is\b(?![’']))"
     r"\s*(?:\*\*)?\s*[:\-–—=]?\s*",
     re.IGNORECASE,
 )
@@ -97,7 +103,8 @@ _HIT_FOLLOWERS = (r"(?:because|since|as|given|due|is|fits|explains|which|seems|o
                   r"|not|but|though|although|here|the\s+(?:\w+\s+)?(?:answer|choice|option))\b")
 _HIT_PROSE = rf"{_CONTRACTION}|{_COMPOUND}|\s+(?!{_HIT_FOLLOWERS})[a-z]|\.\s+{_GENUS_WORD}|{_ARTICLE_ACRONYM}"
 # Words after which a lone capital is a chosen letter ("likely B", "I would go with B", "it's B").
-_CHOOSERS = (r"(?i:likely|probably|possibly|perhaps|maybe|definitely|clearly|therefore|thus|so|is|be|think"
+_CHOOSERS = (r"(?i:likely|probably|possibly|perhaps|maybe|definitely|clearly|actually|really|indeed|ultimately"
+             r"|certainly|therefore|thus|so|is|be|think"
              r"|believe|guess|choose|pick|select|with|say|option|choice|letter|answer|prefer|makes?|making"
              r"|(?:it|that)['’]s|(?:go|going|opt|vote)\s+for|lean(?:ing)?\s+(?:towards?|to)"
              r"|(?:settle|settling|land|landing|decide|deciding)\s+on)")
@@ -177,9 +184,11 @@ _REJECT_OPTION_AFTER = re.compile(
 
 # Rule 5: a second label offered as possible. {t} is one label token (its label captured).
 # Before the label: "or possibly D", "(perhaps D)", "and maybe C", "either B ...", "B/D".
-_ALT_BEFORE = (r"(?:\b(?i:or|either|possibly|perhaps|maybe|alternatively|potentially|conceivably|also)\b"
+_ALT_BEFORE = (r"(?:\b(?i:or|either|possibly|perhaps|maybe|alternatively|potentially|conceivably|also"
+               r"|lean(?:s|ing)?(?:\s+(?:towards?|to))?)\b"
                r"|(?i:not|n['’]t)\s+(?i:rule\s+out|exclude|dismiss)\b|/)"
-               r"(?:\s+(?i:possibly|perhaps|maybe|even|also|else|just|potentially|alternatively|conceivably))*"
+               r"(?:\s+(?i:possibly|perhaps|maybe|even|also|else|just|potentially|alternatively|conceivably"
+               r"|at\s+(?:best|most|worst|least)|slightly|somewhat))*"
                r"\s*{t}")
 # After the label: "though D is also possible", "B might also be right", "C can't be ruled out",
 # "D (B is a close alternative)", "with D as a close second". The label must open a clause, so
@@ -201,11 +210,24 @@ _ALT_AFTER = (
     r"(?!\s+(?i:if|only|when|unless|in\s+an?)\b)")
 # Words that may follow an offered label without making it prose ("or possibly D if ...").
 _ALT_FOLLOWERS = (r"(?:is|are|would|could|might|may|as|too|if|though|although|but|also|seems|because|since"
-                  r"|here|for|and|or|instead|rather|over|not)\b")
+                  r"|here|for|and|or|instead|rather|over|not|depending|based|given|according|assuming|pending"
+                  r"|until|unless)\b")
 # "or" offering a label reaches only as far as the choice itself: an explanation that names other
 # options ("C, because A or B would drop the pressure") offers nothing.
 _ALT_CUT = re.compile(r"\b(?i:because|since|as|given|due|which|so|thus|therefore|hence|if|when|whereas|while|that"
                       r"|who|where)\b|[.!?](?=\s+(?!(?i:or|possibly|perhaps|maybe|alternatively|either)\b)|$)")
+
+
+# "it could also be D", "might equally be C": a second option offered in a later sentence, which the
+# offer window of _ALT_BEFORE (cut at the full stop) does not reach.
+_ALT_COULD_BE = (r"\b(?i:could|might|may)\s+(?i:also|equally|just\s+as\s+well|as\s+well|well)\s+(?i:be\s+)?{t}")
+# "though D is also possible if she is anxious": "also" offers D, whatever condition follows (without
+# it, "D would be correct if she were pregnant" is a condition, not an offer).
+_ALT_ALSO = (_ALT_OPENS + r"{t}\s+(?i:(?:is|are|would|could|might|may|be|still)\s+)*(?i:also|equally)\s+(?i:be\s+)?"
+             r"(?i:possible|plausible|reasonable|defensible|viable|acceptable|correct|right|likely)\b")
+# Two labels put forward together: "both A and D are reasonable", "either B or C" ("between A and C" is
+# not: "Between A and C, I would go with C" chooses).
+_PAIR = r"\b(?i:both|either)\s+{a}\s*,?\s*(?:\b(?i:and|or)\b|/|&)\s*{b}"
 
 
 @dataclass(frozen=True)
@@ -213,6 +235,9 @@ class _Patterns:
     reject: re.Pattern[str]
     alt_before: re.Pattern[str]
     alt_after: re.Pattern[str]
+    alt_could_be: re.Pattern[str]
+    alt_also: re.Pattern[str]
+    pair: re.Pattern[str]
 
 
 @functools.lru_cache(maxsize=64)
@@ -222,15 +247,19 @@ def _patterns(labels: tuple[str, ...], lettered: bool) -> _Patterns:
             return (rf"(?<![A-Za-z0-9])(?:(?:the\s+)?(?i:option|choice|letter)\s+)?[(\[]?{letter}[)\]]?"
                     r"(?![A-Za-z0-9])(?!-[A-Za-z0-9])")
         one, captured = token("[A-Z]"), token("(?P<label>[A-Z])")
+        first, second = token("(?P<a>[A-Z])"), token("(?P<b>[A-Z])")
         follow = rf"(?!{_CONTRACTION})(?!\s+(?!{_ALT_FOLLOWERS})[a-z])"
     else:
         words = "|".join(re.escape(lab) for lab in sorted(labels, key=len, reverse=True))
         one, captured = rf"\b(?i:{words})\b", rf"\b(?P<label>(?i:{words}))\b"
+        first, second = rf"\b(?P<a>(?i:{words}))\b", rf"\b(?P<b>(?i:{words}))\b"
         follow = rf"(?!\s+(?!{_ALT_FOLLOWERS})[a-z])"
     many = rf"{one}(?:\s*,\s*{one})*\s*,?\s*(?:\b(?i:or|and|nor)\b|/|&)\s*{one}"
     reject = re.compile(f"(?:{_REJECT_BEFORE.format(one=one, many=many)}|{_REJECT_AFTER.format(one=one, many=many)})")
     return _Patterns(reject, re.compile(_ALT_BEFORE.format(t=captured) + follow),
-                     re.compile(_ALT_AFTER.format(t=captured)))
+                     re.compile(_ALT_AFTER.format(t=captured)), re.compile(_ALT_COULD_BE.format(t=captured) + follow),
+                     re.compile(_ALT_ALSO.format(t=captured)),
+                     re.compile(_PAIR.format(a=first, b=second) + (rf"(?!{_CONTRACTION})" if lettered else "")))
 
 
 def split_reasoning(completion: str) -> str | None:
@@ -257,6 +286,10 @@ def _clean(text: str) -> str:
     return " ".join(_MARKUP.sub(" ", text).split())
 
 
+def _words(labels: Sequence[str]) -> str:
+    return "(?i:" + "|".join(re.escape(lab) for lab in sorted(labels, key=len, reverse=True)) + ")"
+
+
 def _lift_lowercase_letters(span: str) -> str:
     """Capitalise the lowercase letters that rule 8 reads as option letters ("(b)" -> "(B)").
 
@@ -271,6 +304,40 @@ def _lift_lowercase_letters(span: str) -> str:
     for form in _LOWER_FORMS:
         span = form.sub(capitalise_letter, span)
     return span
+
+
+# "leaves D as the answer", "make D the answer", "C as my final choice": a label made the answer by
+# a verb, or named "as" the answer.
+_MADE_ANSWER = (r"(?:(?:\b(?i:makes?|making|made|leaves?|leaving|left|consider(?:s|ed|ing)?|renders?|keeps?)\s+{a}"
+                r"|{b}\s+(?i:as))\s+(?i:the|my|our)\s+"
+                r"(?i:(?:correct|best|right|final|most\s+likely|likely|only|single|clear|obvious)\s+)?"
+                r"(?i:answer|choice|option|pick)\b"
+                # "which makes this C, not B": the idiom alone chooses
+                r"|\b(?i:makes?|making|made)\s+(?i:this|it|that)\s+{c}(?!\s+[a-z]))")
+
+
+@functools.lru_cache(maxsize=64)
+def _made_answer(labels: tuple[str, ...], lettered: bool) -> re.Pattern[str]:
+    label = "[A-Z]" if lettered else _words(labels)
+    return re.compile(_MADE_ANSWER.format(**{g: rf"[(\[]?(?P<{g}>{label})[)\]]?(?![A-Za-z0-9'’\-])" for g in "ac"},
+                                          b=rf"(?<![A-Za-z0-9])[(\[]?(?P<b>{label})[)\]]?(?![A-Za-z0-9'’\-])"))
+
+
+# A heading that announces the answer on the lines below it ("### Answer", "**Verdict**",
+# "### Corrected answer").
+_HEADING = re.compile(r"^[ \t#*_>]*(?:[A-Za-z-]+\s+){0,2}(?i:answer|conclusion|verdict|bottom\s+line)"
+                      r"[ \t*_:]*$", re.MULTILINE)
+# A line that gives a letter with something after it: "C. Radial nerve", "**C — Radial nerve.**",
+# "(B) Acute cholecystitis". One such line is the answer; several are the options listed.
+_LABELLED_LINE = re.compile(r"^[ \t*_#>]*[(\[]?([A-Z])(?:[)\]]|[ \t*_]*(?:[.:]|\s[—–-]))[ \t*_]*(?![a-z]{2,}\b)\S.*$",
+                            re.MULTILINE)
+
+
+_INLINE_OPTION = re.compile(r"(?<![A-Za-z0-9])([A-Z])[.)]\s+(?=[A-Z0-9])")
+
+
+def _labelled_lines(text: str, labels: Sequence[str]) -> list[re.Match[str]]:
+    return [m for m in _LABELLED_LINE.finditer(text) if m.group(1) in labels]
 
 
 def _line_end(text: str, pos: int) -> int:
@@ -294,13 +361,38 @@ def _statements(text: str, labels: Sequence[str], lettered: bool) -> list[tuple[
         # the leftover of the verdict ("B ; next step") from reading as prose after the letter.
         found.append((start, end, m.group(group) + " ; " + text[tail.end():end]))
         verdicts.append((start, tail.end()))
+    for m in _made_answer(tuple(labels), lettered).finditer(text):
+        group = next(g for g in "abc" if m.group(g))
+        label, start = m.group(group), m.start(group)
+        end = _line_end(text, m.end())
+        found.append((start, end, label + " ; " + text[m.end():end]))
+        verdicts.append((start, m.end()))  # "final choice" in "B as my final choice" is part of it
     for m in _STATEMENT.finditer(text):
         if any(a <= m.start() < b for a, b in verdicts):
             continue  # "correct answer" inside "B is the correct answer" belongs to the verdict
         end = _line_end(text, m.end())
         found.append((m.start(), end, text[m.end():end]))
+    boxed_end = -1
     for m in _BOXED.finditer(text):
-        found.append((m.start(), _line_end(text, m.end()), m.group(1)))
+        between = text[boxed_end:m.start()].replace("$", " ").strip() if boxed_end >= 0 else None
+        if between is not None and re.fullmatch(r"(?i:or|and|and/or|/|,|&)", between):
+            # "$\boxed{A}$ or $\boxed{D}$" offers both, as "\boxed{A or D}" would.
+            start, _, previous = found.pop()
+            found.append((start, _line_end(text, m.end()), f"{previous} {between} {m.group(1)}"))
+        else:
+            found.append((m.start(), _line_end(text, m.end()), m.group(1)))
+        boxed_end = m.end()
+    for m in _HEADING.finditer(text):
+        below = re.search(r"\S[^\n]*", text[m.end():])
+        if below:
+            found.append((m.start(), m.end() + below.end(), below.group(0)))
+    if lettered:
+        labelled = _labelled_lines(text, labels)
+        # Not where something else states the answer ("(B) Proteus ..." after "The answer is ..."
+        # explains), nor on a line that lists the options.
+        if len(labelled) == 1 and not found and len(set(_INLINE_OPTION.findall(labelled[0].group(0)))) < 3:
+            m = labelled[0]
+            found.append((m.start(), m.end(), m.group(1) + " ; " + text[m.end(1) + 1:m.end()]))
     # A line that holds only a label (with brackets, bold or a full stop around it); on lettered
     # questions also "Option B" / "Choice (C)" and a lowercase letter (rule 8: "b" alone is B).
     if lettered:
@@ -341,7 +433,9 @@ def _offered(span: str, anchor: int, pats: _Patterns) -> list[str]:
     cut = _ALT_CUT.search(span, anchor)
     limit = cut.start() if cut else len(span)
     offered = [m.group("label") for m in pats.alt_before.finditer(span) if m.start() < limit]
-    return offered + [m.group("label") for m in pats.alt_after.finditer(span)]
+    offered += [m.group(g) for m in pats.pair.finditer(span) for g in ("a", "b")]
+    return offered + [m.group("label") for pat in (pats.alt_after, pats.alt_could_be, pats.alt_also)
+                      for m in pat.finditer(span)]
 
 
 def _read_statement(
@@ -361,6 +455,10 @@ def _read_statement(
         # "C.", "(C)", "yes": nothing is set aside or offered; most statements are this, and the
         # rule 4 and 5 patterns are the costly part of reading one.
         return _decide([bare], labels)
+    # Nothing but labels: "yes no maybe yes", "A B C D" offer them all.
+    tokens = re.split(r"[\s.,;:/()\[\]]+", bare)
+    if len(tokens) > 1 and all((t in labels) if lettered else (t.lower() in canon) for t in tokens):
+        return _decide(tokens, labels)
     # Rule 4: a label set aside is gone before anything is read ("C, not B" reads as "C ;").
     span = " ".join(pats.reject.sub(" ; ", span).split())
     lead = re.match(r"^[(\[]?\s*" + (r"([A-Z])" if lettered else r"([A-Za-z]+)") + r"(?![A-Za-z0-9])[)\].:]?", span,
@@ -452,8 +550,14 @@ def extract_answer(
         # The last explicit statement is the model's final word (a revised answer wins).
         return _read_statement(statements[-1][2], labels, options, lettered)
     # No explicit statement: read the last non-empty line as the answer.
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    return _read_statement(last, labels, options, lettered)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lettered:
+        listed = _labelled_lines(text, labels)
+        if len({m.group(1) for m in listed}) > 1 and listed[-1].group(0).strip() == lines[-1].strip():
+            return Extraction(None, NO_ANSWER)  # the options listed (or echoed) line by line, none chosen
+        if len(set(_INLINE_OPTION.findall(lines[-1])) & set(labels)) >= 3:
+            return Extraction(None, NO_ANSWER)  # "A. Valproate B. Lamotrigine C. ...": listed on one line
+    return _read_statement(lines[-1], labels, options, lettered)
 
 
 def is_correct(extraction: Extraction, gold: str) -> bool:

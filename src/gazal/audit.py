@@ -177,7 +177,7 @@ def hacks(case: Case, other: Case) -> dict[str, str]:
 # fails the day a listed family stops failing, to have it removed (issue 25).
 KNOWN_OPEN = {
     "rt_options_restated": "the options restated as reasoning reach the guard's bar: in an all-correct group it "
-                           "beats the honest reasoning of sft-0111 (which scores below the bar), and it ties or "
+                           "beats the honest reasoning of sft-0039 (which scores just below the bar, 0.593 of 0.6), and it ties or "
                            "beats the shortest honest cuts on single-completion totals",
     "rt_padding_after_honest_cut": "an honest two-step cut padded with empty sentences ties or beats the shortest "
                                    "honest cuts on single-completion totals when lengths earn nothing (gazal-r1-32b)",
