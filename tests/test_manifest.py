@@ -287,7 +287,11 @@ def test_reproduce_reruns_from_the_manifest_and_says_what_differs(tmp_path, benc
     assert a["sft"]["data"] == b["sft"]["data"] and a["sft"]["base_model"]["sha256"] == b["sft"]["base_model"]["sha256"]
     assert a["eval"]["benchmarks"] == b["eval"]["benchmarks"]
     res = compare_runs(first, again)
-    assert all(x["difference"] == 0 for x in res["benchmarks"].values() if "skipped" not in x)
+    compared = [x for x in res["benchmarks"].values() if "skipped" not in x]
+    assert compared and all(x["same_predictions"]["same"] == x["same_predictions"]["of"] == x["n"] for x in compared)
+    assert all(x["benchmark_sha256"] for x in compared)
+    for name in ("medqa", "pubmedqa"):  # the rows themselves, completions included
+        assert (first / "eval" / name / "samples.jsonl").read_text() == (again / "eval" / name / "samples.jsonl").read_text()
     # Changed data is said before anything runs again.
     local.write_text(local.read_text() + local.read_text().splitlines()[0] + "\n")
     diffs = manifest.differences(first)
