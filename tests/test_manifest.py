@@ -251,7 +251,8 @@ def test_later_commands_use_the_recorded_benchmarks_and_refuse_changed_ones(run,
     before = _sha256(medqa)
     medqa.write_text(medqa.read_text() + medqa.read_text().splitlines()[0] + "\n")
     capsys.readouterr()
-    for args in (["report", "--run-dir", str(copy)], ["review", "export", str(copy), "--out", str(tmp_path / "pkg2"), "-n", "2"]):
+    for args in (["report", "--run-dir", str(copy)], ["review", "export", str(copy), "--out", str(tmp_path / "pkg2"), "-n", "2"],
+                 ["compare", str(run[0]), str(copy)]):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert str(medqa) in err and before in err and _sha256(medqa) in err

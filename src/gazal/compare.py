@@ -181,10 +181,15 @@ def _benchmarks(run: Path, mode: str) -> dict[str, list[dict]]:
 
 def _sources(run: Path) -> dict[str, dict]:
     """The benchmark sources the run's manifest recorded (manifest.eval_benchmarks; {} for a run
-    without one). `run` is a run directory, its eval/ folder, or one stage's folder of the card."""
+    without one), after checking that those files still have their recorded hashes (GazalError
+    naming the file and both hashes otherwise: the rows were scored against the recorded data).
+    `run` is a run directory, its eval/ folder, or one stage's folder of the card."""
     folder = eval_folder(run)
     root = folder.parent if folder.name == "eval" else folder.parents[2] if folder.parent.name == "stages" else None
-    return manifest.eval_benchmarks(root) if root is not None else {}
+    if root is None:
+        return {}
+    manifest.verify_benchmarks(root)
+    return manifest.eval_benchmarks(root)
 
 
 def _same_data(name: str, source_a: dict, source_b: dict, run_a: Path, run_b: Path) -> str | None:
