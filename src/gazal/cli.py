@@ -266,7 +266,8 @@ def _compare(args: argparse.Namespace) -> int:
               f"{b['test']} p={b['p_value']:.3g}: {b['verdict']}")
         same = b.get("same_predictions")
         if same is not None:
-            data = f", benchmark sha256 {b['benchmark_sha256'][:12]} in both" if b.get("benchmark_sha256") else ""
+            sha = res["benchmark_sha256"].get(name)
+            data = f", benchmark sha256 {sha[:12]} in both" if sha else ""
             print(f"  same answer in both runs: {same['same']}/{same['of']}{data}")
         for cat, c in b["per_category"].items():
             print(f"  {cat}: n={c['n']}, A {100 * c['accuracy_a']:.1f}%, B {100 * c['accuracy_b']:.1f}%, "

@@ -297,11 +297,12 @@ def compare_one(name: str, rows_a: list[dict], rows_b: list[dict], run_a: Path, 
 def compare_runs(run_a: Path, run_b: Path, mode: str = "reasoning", seed: int = 0, n_boot: int = 10000) -> dict:
     """Compare run B with run A on every benchmark both evaluated in `mode`, paired by item id.
 
-    Returns {"run_a", "run_b", "mode", "alpha", "benchmarks": {name: entry}}; an entry has n,
+    Returns {"run_a", "run_b", "mode", "alpha", "benchmarks": {name: entry}, "benchmark_sha256"}; an entry has n,
     samples_per_item, accuracy_a, accuracy_b, difference (B - A), ci95 and ci95_method, test,
     p_value, verdict and per_category, or only "skipped" (a reason) for a benchmark in one run.
-    Each compared entry also says how many answers are the same in both runs (same_predictions) and
-    the benchmark file's sha256 both runs' manifests recorded.
+    Each compared entry also says how many answers are the same in both runs (same_predictions);
+    "benchmark_sha256" holds, per compared benchmark, the file hash both runs' manifests recorded
+    (None where either recorded none).
     Raises GazalError for a run without eval/ or without rows in this mode, for a benchmark whose
     item ids differ between the runs, and for one whose recorded benchmark hashes differ.
     """
@@ -316,11 +317,11 @@ def compare_runs(run_a: Path, run_b: Path, mode: str = "reasoning", seed: int = 
     # Benchmarks in the order the runs list them, then any others by name.
     names = list(dict.fromkeys([*results_a, *results_b, *sorted({*found_a, *found_b})]))
     benchmarks: dict[str, dict] = {}
+    data: dict[str, str | None] = {}
     for name in names:
         if name in found_a and name in found_b:
-            data = _same_data(name, sources_a.get(name, {}), sources_b.get(name, {}), run_a, run_b)
-            entry = {**compare_one(name, found_a[name], found_b[name], run_a, run_b, seed, n_boot),
-                     "benchmark_sha256": data}
+            data[name] = _same_data(name, sources_a.get(name, {}), sources_b.get(name, {}), run_a, run_b)
+            entry = compare_one(name, found_a[name], found_b[name], run_a, run_b, seed, n_boot)
             log.info("%s: A %.3f, B %.3f, %s p=%.3g: %s", name, entry["accuracy_a"], entry["accuracy_b"],
                      entry["test"], entry["p_value"], entry["verdict"])
         elif name in found_a:
@@ -330,4 +331,5 @@ def compare_runs(run_a: Path, run_b: Path, mode: str = "reasoning", seed: int = 
         else:
             continue  # listed in results.json (e.g. skipped) but evaluated in neither run
         benchmarks[name] = entry
-    return {"run_a": str(run_a), "run_b": str(run_b), "mode": mode, "alpha": ALPHA, "benchmarks": benchmarks}
+    return {"run_a": str(run_a), "run_b": str(run_b), "mode": mode, "alpha": ALPHA, "benchmarks": benchmarks,
+            "benchmark_sha256": data}
